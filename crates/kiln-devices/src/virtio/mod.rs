@@ -1,0 +1,62 @@
+//! Virtio devices and the virtio-mmio transport that exposes them to the guest.
+
+pub mod block;
+pub mod mmio;
+pub mod rng;
+
+use crate::interrupt::VirtioInterrupt;
+use crate::GuestMemory;
+use virtio_queue::Queue;
+
+/// Feature bit every device offers: the device is virtio 1.0+ (no legacy interface).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Feature bit: used/avail event indices, which let both sides suppress notifications.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// Virtio device type numbers (virtio 1.2, section 5).
+pub mod device_type {
+    pub const NET: u32 = 1;
+    pub const BLOCK: u32 = 2;
+    pub const RNG: u32 = 4;
+    pub const BALLOON: u32 = 5;
+    pub const VSOCK: u32 = 19;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver set up {got} queues, the device needs {expected}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("failed to activate the device: {0}")]
+    Other(String),
+}
+
+/// What a virtio device implements; the transport does the rest (feature negotiation, queue setup,
+/// status state machine, interrupt status).
+pub trait VirtioDevice: Send {
+    /// Virtio device type (see [`device_type`]).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features the device offers (including [`VIRTIO_F_VERSION_1`]).
+    fn avail_features(&self) -> u64;
+    /// Reads device config space. Out-of-range parts of `data` are left as they are (zero).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device config space. Writes outside the writable fields are ignored.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Called once the driver set DRIVER_OK, with the negotiated features and the ready queues.
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: VirtioInterrupt,
+        acked_features: u64,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError>;
+    /// The driver notified queue `index` (via the notify register or an ioeventfd). Process what is
+    /// available and signal the interrupt as needed. Errors mark the device as needing reset.
+    fn process_queue(&mut self, index: usize);
+    /// Driver reset: drop the queues and go back to the pre-activation state. Returns false if the
+    /// device cannot be reset (the transport then leaves it failed).
+    fn reset(&mut self) -> bool;
+    /// Whether the device has been activated.
+    fn is_activated(&self) -> bool;
+}
