@@ -59,4 +59,21 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) -> bool;
     /// Whether the device has been activated.
     fn is_activated(&self) -> bool;
+    /// Whether the device hit an error it cannot recover from without a driver reset (a broken
+    /// queue). The transport checks it after [`Self::process_queue`] and then sets
+    /// DEVICE_NEEDS_RESET and raises a configuration change interrupt.
+    fn needs_reset(&self) -> bool {
+        false
+    }
+    /// ConfigGeneration: changes whenever the device changes its config space on its own (for
+    /// example a block device's capacity after a backing file swap), so the driver can detect
+    /// torn multi-word config reads.
+    fn config_generation(&self) -> u32 {
+        0
+    }
+    /// Access to the concrete device type (the VMM downcasts to reach, e.g.,
+    /// `Block::update_backing`). Devices return `Some(self)`.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
 }
