@@ -1,0 +1,384 @@
+//! One lab run: payload archive, QEMU command line, the results channel and the timeout.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde::Deserialize;
+
+use crate::cpio::{archive_path, CpioWriter};
+use crate::host::{self, FileLock};
+use crate::{Directive, Lab, LabError, Payload, Report, StepResult};
+
+/// How long QEMU may take to exit after the runner reported the end of the scenario.
+const EXIT_GRACE: Duration = Duration::from_secs(30);
+/// How often the results file is polled.
+const POLL: Duration = Duration::from_millis(10);
+
+/// A record the step runner writes on ttyS1.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "t", rename_all = "lowercase")]
+enum Record {
+    Ready { uptime_us: u64 },
+    Start { name: String },
+    Step(StepRecord),
+    Done {},
+}
+
+#[derive(Debug, Deserialize)]
+struct StepRecord {
+    name: String,
+    bg: bool,
+    exit_code: i32,
+    signal: Option<i32>,
+    wall_us: u64,
+    user_us: u64,
+    sys_us: u64,
+    max_rss_kib: u64,
+    stdout: String,
+    stdout_dropped: u64,
+    stderr: String,
+    stderr_dropped: u64,
+    killed: bool,
+}
+
+impl StepRecord {
+    fn into_result(self) -> Result<StepResult, LabError> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let decode =
+            |s: &str| b64.decode(s).map_err(|e| LabError::Protocol(format!("step {}: {e}", self.name)));
+        Ok(StepResult {
+            stdout: decode(&self.stdout)?,
+            stderr: decode(&self.stderr)?,
+            name: self.name,
+            exit_code: self.exit_code,
+            signal: self.signal,
+            stdout_dropped: self.stdout_dropped,
+            stderr_dropped: self.stderr_dropped,
+            wall: Duration::from_micros(self.wall_us),
+            user: Duration::from_micros(self.user_us),
+            system: Duration::from_micros(self.sys_us),
+            max_rss_kib: self.max_rss_kib,
+            background: self.bg,
+            killed: self.killed,
+        })
+    }
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The scenario file the runner reads (see `runner/lab_runner.rs`).
+fn scenario(lab: &Lab) -> Result<String, LabError> {
+    let mut names = HashSet::new();
+    let mut background = HashSet::new();
+    let mut out = format!("limit {}\n", lab.output_limit);
+    for (k, v) in &lab.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(LabError::Scenario(format!("bad environment variable {k:?}")));
+        }
+        out.push_str(&format!("env {} {}\n", hex(k), hex(v)));
+    }
+    for d in &lab.directives {
+        match d {
+            Directive::Run { name, cmd } | Directive::Background { name, cmd } => {
+                if name.is_empty() || !names.insert(name.clone()) {
+                    return Err(LabError::Scenario(format!(
+                        "step names must be unique and non-empty: {name:?}"
+                    )));
+                }
+                if cmd.contains('\0') {
+                    return Err(LabError::Scenario(format!("step {name}: NUL in command")));
+                }
+                let bg = matches!(d, Directive::Background { .. });
+                if bg {
+                    background.insert(name.clone());
+                }
+                out.push_str(&format!("{} {} {}\n", if bg { "bg" } else { "run" }, hex(name), hex(cmd)));
+            }
+            Directive::Wait { name } => {
+                if !background.contains(name) {
+                    return Err(LabError::Scenario(format!(
+                        "wait_for({name:?}): no earlier background step"
+                    )));
+                }
+                out.push_str(&format!("wait {}\n", hex(name)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+enum Source {
+    Host(PathBuf),
+    Bytes(Vec<u8>),
+}
+
+fn collect_dir(
+    src: &Path,
+    dst: &str,
+    depth: usize,
+    out: &mut BTreeMap<String, (Source, u32)>,
+) -> Result<(), LabError> {
+    if depth > 32 {
+        return Err(LabError::Scenario(format!(
+            "{}: directory nesting too deep (symlink loop?)",
+            src.display()
+        )));
+    }
+    for entry in std::fs::read_dir(src).map_err(|e| LabError::io(src, e))? {
+        let entry = entry.map_err(|e| LabError::io(src, e))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(_) => continue, // dangling symlink
+        };
+        let target = format!("{dst}/{name}");
+        if meta.is_dir() {
+            collect_dir(&path, &target, depth + 1, out)?;
+        } else if meta.is_file() {
+            use std::os::unix::fs::PermissionsExt;
+            out.insert(
+                archive_path(&target).map_err(|e| LabError::io(&path, e))?,
+                (Source::Host(path), meta.permissions().mode()),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Resolves the payload into in-lab path → source, including `ldd` closures.
+fn resolve_payload(lab: &Lab) -> Result<BTreeMap<String, (Source, u32)>, LabError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = BTreeMap::new();
+    for p in &lab.payload {
+        match p {
+            Payload::File { src, dst, perm, libs } => {
+                let meta = std::fs::metadata(src).map_err(|e| LabError::io(src, e))?;
+                if !meta.is_file() {
+                    return Err(LabError::Scenario(format!("{} is not a file", src.display())));
+                }
+                if *libs {
+                    for lib in host::ldd_closure(src)? {
+                        let key = archive_path(&lib.to_string_lossy()).map_err(|e| LabError::io(&lib, e))?;
+                        out.insert(key, (Source::Host(lib), 0o755));
+                    }
+                }
+                let key = archive_path(dst).map_err(|e| LabError::io(src, e))?;
+                out.insert(key, (Source::Host(src.clone()), perm.unwrap_or(meta.permissions().mode())));
+            }
+            Payload::Bytes { data, dst, perm } => {
+                let key = archive_path(dst).map_err(|e| LabError::Scenario(e.to_string()))?;
+                out.insert(key, (Source::Bytes(data.clone()), *perm));
+            }
+            Payload::Dir { src, dst } => collect_dir(src, dst, 0, &mut out)?,
+        }
+    }
+    for reserved in ["init", "lab/runner", "lab/scenario"] {
+        if out.contains_key(reserved) {
+            return Err(LabError::Scenario(format!("/{reserved} is reserved by the lab")));
+        }
+    }
+    Ok(out)
+}
+
+/// Writes `base.cpio` + payload archive to `path`.
+fn write_initrd(lab: &Lab, path: &Path) -> Result<u64, LabError> {
+    std::fs::copy(&lab.base.cpio, path).map_err(|e| LabError::io(&lab.base.cpio, e))?;
+    let payload = resolve_payload(lab)?;
+    let file = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| LabError::io(path, e))?;
+    let mut w = CpioWriter::new(BufWriter::new(file));
+    let io = |e| LabError::io(path, e);
+    for (dst, (src, perm)) in &payload {
+        match src {
+            Source::Host(p) => crate::base::add_host_file(&mut w, p, dst, *perm)?,
+            Source::Bytes(b) => w.file(dst, *perm, b).map_err(io)?,
+        }
+    }
+    w.file("lab/scenario", 0o644, scenario(lab)?.as_bytes()).map_err(io)?;
+    w.finish().map_err(io)?;
+    Ok(std::fs::metadata(path).map_err(io)?.len())
+}
+
+/// Kills QEMU if the run is abandoned (error, panic, timeout).
+struct QemuGuard(Child);
+
+impl Drop for QemuGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Incrementally reads complete lines from a file another process appends to.
+struct LineTail {
+    path: PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl LineTail {
+    fn poll(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        let Ok(mut f) = File::open(&self.path) else { return lines };
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return lines;
+        }
+        let mut buf = Vec::new();
+        if let Ok(n) = f.read_to_end(&mut buf) {
+            self.offset += n as u64;
+        }
+        self.partial.extend_from_slice(&buf);
+        while let Some(pos) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=pos).collect();
+            let text = String::from_utf8_lossy(&line).trim().to_string();
+            if !text.is_empty() {
+                lines.push(text);
+            }
+        }
+        lines
+    }
+}
+
+fn console_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn qemu_command(lab: &Lab, initrd: &Path, console: &Path, results: &Path) -> Command {
+    let mut cmd = Command::new(&lab.qemu);
+    cmd.args(["-M", "pc", "-accel", "tcg", "-cpu", "max"])
+        .args(["-smp", &lab.cpus.to_string(), "-m", &lab.memory_mib.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&lab.base.kernel)
+        .arg("-initrd")
+        .arg(initrd);
+    let mut append =
+        format!("console=ttyS0 reboot=k panic=1 quiet tsc=reliable kiln.disks={}", lab.disks.len());
+    for a in &lab.kernel_args {
+        append.push(' ');
+        append.push_str(a);
+    }
+    cmd.arg("-append").arg(append);
+    let esc = |p: &Path| p.to_string_lossy().replace(',', ",,");
+    cmd.arg("-chardev").arg(format!("file,id=console,path={}", esc(console)));
+    cmd.args(["-serial", "chardev:console"]);
+    cmd.arg("-chardev").arg(format!("file,id=results,path={}", esc(results)));
+    cmd.args(["-serial", "chardev:results"]);
+    for (i, d) in lab.disks.iter().enumerate() {
+        let ro = if d.read_only { ",readonly=on" } else { "" };
+        cmd.arg("-drive").arg(format!("if=none,id=disk{i},format=raw,file={}{ro}", esc(&d.path)));
+        cmd.arg("-device").arg(format!("virtio-blk-pci,drive=disk{i}"));
+    }
+    cmd
+}
+
+pub(crate) fn run(lab: &Lab) -> Result<Report, LabError> {
+    for d in &lab.disks {
+        if !d.path.is_file() {
+            return Err(LabError::Scenario(format!("disk {} is not a file", d.path.display())));
+        }
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("kiln-lab-")
+        .tempdir()
+        .map_err(|e| LabError::io(Path::new("/tmp"), e))?;
+    let initrd = tmp.path().join("initrd.cpio");
+    write_initrd(lab, &initrd)?;
+    let console = tmp.path().join("console.log");
+    let results = tmp.path().join("results.log");
+    let qemu_err = tmp.path().join("qemu.stderr");
+
+    let _lock = if std::env::var_os("KILN_LAB_NO_LOCK").is_some() {
+        None
+    } else {
+        Some(FileLock::exclusive(&host::lab_cache_dir()?.join("run.lock"))?)
+    };
+
+    let mut cmd = qemu_command(lab, &initrd, &console, &results);
+    let err_file = File::create(&qemu_err).map_err(|e| LabError::io(&qemu_err, e))?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(err_file);
+    let start = Instant::now();
+    let child =
+        cmd.spawn().map_err(|e| LabError::Command { command: format!("{cmd:?}"), detail: e.to_string() })?;
+    let mut qemu = QemuGuard(child);
+    let mut tail = LineTail { path: results, offset: 0, partial: Vec::new() };
+    let mut steps = Vec::new();
+    let mut running: Option<String> = None;
+    let mut ready: Option<(Duration, Duration)> = None;
+    let mut done_at: Option<Instant> = None;
+    let exit_status;
+    loop {
+        let exited = qemu
+            .0
+            .try_wait()
+            .map_err(|e| LabError::Command { command: "wait qemu".into(), detail: e.to_string() })?;
+        // Read after checking for exit, so nothing QEMU wrote before exiting is missed.
+        for line in tail.poll() {
+            let rec: Record = serde_json::from_str(&line).map_err(|e| {
+                LabError::Protocol(format!("{e}: {}", line.chars().take(200).collect::<String>()))
+            })?;
+            match rec {
+                Record::Ready { uptime_us } => {
+                    ready = Some((start.elapsed(), Duration::from_micros(uptime_us)))
+                }
+                Record::Start { name } => running = Some(name),
+                Record::Step(s) => {
+                    let r = s.into_result()?;
+                    if running.as_deref() == Some(r.name.as_str()) {
+                        running = None;
+                    }
+                    steps.push(r);
+                }
+                Record::Done {} => done_at = Some(Instant::now()),
+            }
+        }
+        if let Some(status) = exited {
+            exit_status = status;
+            break;
+        }
+        if done_at.is_some_and(|t| t.elapsed() > EXIT_GRACE) {
+            let _ = qemu.0.kill();
+            exit_status = qemu
+                .0
+                .wait()
+                .map_err(|e| LabError::Command { command: "wait qemu".into(), detail: e.to_string() })?;
+            break;
+        }
+        if done_at.is_none() && start.elapsed() > lab.timeout {
+            drop(qemu);
+            return Err(LabError::Timeout {
+                timeout: lab.timeout,
+                running_step: running,
+                completed: steps,
+                console_tail: console_tail(&console, 40),
+            });
+        }
+        std::thread::sleep(POLL);
+    }
+    let total_time = start.elapsed();
+    let qemu_stderr =
+        std::fs::read(&qemu_err).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    if done_at.is_none() {
+        return Err(LabError::LabDied {
+            status: exit_status.to_string(),
+            qemu_stderr: qemu_stderr.trim().to_string(),
+            completed: steps,
+            console_tail: console_tail(&console, 40),
+        });
+    }
+    let (lab_boot_time, guest_boot_time) = ready.unwrap_or_default();
+    let console =
+        std::fs::read(&console).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    Ok(Report { steps, console, lab_boot_time, guest_boot_time, total_time, qemu_stderr })
+}
