@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod queue_util;
 pub mod rng;
 
 use crate::interrupt::VirtioInterrupt;
