@@ -14,7 +14,9 @@ const S_IFLNK: u32 = 0o120_000;
 const S_IFCHR: u32 = 0o020_000;
 
 /// Streams a newc archive into `W`. Call [`CpioWriter::finish`] to write the trailer.
-pub(crate) struct CpioWriter<W: Write> {
+///
+/// All entries are owned by root with mtime 0, so an archive depends only on its content.
+pub struct CpioWriter<W: Write> {
     out: W,
     written: u64,
     next_ino: u32,
@@ -22,7 +24,7 @@ pub(crate) struct CpioWriter<W: Write> {
 }
 
 /// Normalises an in-archive path: no leading `/`, no empty, `.` or `..` components.
-pub(crate) fn archive_path(path: &str) -> io::Result<String> {
+pub fn archive_path(path: &str) -> io::Result<String> {
     let mut parts = Vec::new();
     for part in path.split('/') {
         match part {
@@ -40,7 +42,8 @@ pub(crate) fn archive_path(path: &str) -> io::Result<String> {
 }
 
 impl<W: Write> CpioWriter<W> {
-    pub(crate) fn new(out: W) -> Self {
+    /// Starts an archive.
+    pub fn new(out: W) -> Self {
         Self { out, written: 0, next_ino: 1, dirs: BTreeSet::new() }
     }
 
@@ -100,7 +103,7 @@ impl<W: Write> CpioWriter<W> {
     }
 
     /// A directory (and its parents).
-    pub(crate) fn dir(&mut self, path: &str, perm: u32) -> io::Result<()> {
+    pub fn dir(&mut self, path: &str, perm: u32) -> io::Result<()> {
         let path = archive_path(path)?;
         self.parents(&path)?;
         if self.dirs.insert(path.clone()) {
@@ -110,13 +113,7 @@ impl<W: Write> CpioWriter<W> {
     }
 
     /// A regular file whose content is read from `data` (exactly `size` bytes).
-    pub(crate) fn file_from(
-        &mut self,
-        path: &str,
-        perm: u32,
-        size: u64,
-        data: &mut dyn Read,
-    ) -> io::Result<()> {
+    pub fn file_from(&mut self, path: &str, perm: u32, size: u64, data: &mut dyn Read) -> io::Result<()> {
         let path = archive_path(path)?;
         self.parents(&path)?;
         self.header(&path, S_IFREG | (perm & 0o7777), size)?;
@@ -132,13 +129,13 @@ impl<W: Write> CpioWriter<W> {
     }
 
     /// A regular file with the given content.
-    pub(crate) fn file(&mut self, path: &str, perm: u32, data: &[u8]) -> io::Result<()> {
+    pub fn file(&mut self, path: &str, perm: u32, data: &[u8]) -> io::Result<()> {
         let mut r = data;
         self.file_from(path, perm, data.len() as u64, &mut r)
     }
 
     /// A symbolic link at `path` pointing to `target`.
-    pub(crate) fn symlink(&mut self, path: &str, target: &str) -> io::Result<()> {
+    pub fn symlink(&mut self, path: &str, target: &str) -> io::Result<()> {
         let path = archive_path(path)?;
         self.parents(&path)?;
         self.header(&path, S_IFLNK | 0o777, target.len() as u64)?;
@@ -147,14 +144,14 @@ impl<W: Write> CpioWriter<W> {
     }
 
     /// A character device node.
-    pub(crate) fn chardev(&mut self, path: &str, perm: u32, major: u32, minor: u32) -> io::Result<()> {
+    pub fn chardev(&mut self, path: &str, perm: u32, major: u32, minor: u32) -> io::Result<()> {
         let path = archive_path(path)?;
         self.parents(&path)?;
         self.header_dev(&path, S_IFCHR | (perm & 0o7777), 0, (major, minor))
     }
 
     /// Writes the trailer, pads to 512 bytes and returns the inner writer.
-    pub(crate) fn finish(mut self) -> io::Result<W> {
+    pub fn finish(mut self) -> io::Result<W> {
         self.header("TRAILER!!!", 0, 0)?;
         self.pad(512)?;
         self.out.flush()?;

@@ -28,7 +28,7 @@
 //! ```
 
 mod base;
-mod cpio;
+pub mod cpio;
 mod error;
 mod host;
 mod modules;
@@ -217,6 +217,12 @@ impl Lab {
     /// How long [`Lab::new`] spent building the base, if it was not cached.
     pub fn base_build_time(&self) -> Option<Duration> {
         self.base.built_in
+    }
+
+    /// The lab's kernel (Debian's stock `vmlinuz`); also a handy guest kernel for a VMM inside the
+    /// lab (it has virtio-mmio, 8250 and ACPI support, though no PVH note).
+    pub fn kernel_path(&self) -> &Path {
+        &self.base.kernel
     }
 
     /// The directory holding the cached kernel and base cpio.

@@ -1,0 +1,193 @@
+//! Lab tests. They need only QEMU (and the cached or downloadable Debian kernel package), so they
+//! always run. Each lab boot costs ~8–15 s of TCG, so checks are grouped: one scenario boot, one
+//! timeout boot.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use kiln_lab::cpio::CpioWriter;
+use kiln_lab::{Lab, LabError};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// A tiny initramfs for a guest booted by QEMU inside the lab: busybox and an init that prints a
+/// marker and reboots.
+fn nested_guest_initramfs(path: &Path) -> TestResult {
+    let mut w = CpioWriter::new(std::io::BufWriter::new(std::fs::File::create(path)?));
+    w.chardev("dev/console", 0o600, 5, 1)?;
+    w.dir("proc", 0o755)?;
+    w.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox")?)?;
+    w.symlink("bin/sh", "busybox")?;
+    w.file(
+        "init",
+        0o755,
+        b"#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n\
+          echo \"NESTED-GUEST-UP uptime=$(/bin/busybox cut -d' ' -f1 /proc/uptime)\"\n\
+          /bin/busybox reboot -f\n",
+    )?;
+    w.finish()?.flush()?;
+    Ok(())
+}
+
+#[test]
+fn lab_scenario() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let disk = tmp.path().join("rw.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20])?;
+    let ro_disk = tmp.path().join("ro.img");
+    let mut ro = b"read-only-disk-content".to_vec();
+    ro.resize(1 << 16, 0);
+    std::fs::write(&ro_disk, &ro)?;
+    let guest_initrd = tmp.path().join("guest.cpio");
+    nested_guest_initramfs(&guest_initrd)?;
+
+    let lab = Lab::new()?;
+    let kernel = lab.kernel_path().to_path_buf();
+    let report = lab
+        .binary("/usr/bin/qemu-img", "/usr/bin/qemu-img")
+        .binary("/usr/bin/qemu-system-x86_64", "/usr/bin/qemu-system-x86_64")
+        .dir("/usr/share/qemu", "/usr/share/qemu")
+        .file(&kernel, "/lab/guest/vmlinuz")
+        .file(&guest_initrd, "/lab/guest/initrd.cpio")
+        .file_bytes("carried content\n", "/lab/data/note.txt", 0o644)
+        .disk(&disk)
+        .disk_read_only(&ro_disk)
+        .env("LAB_TEST_VAR", "value with spaces")
+        .timeout(Duration::from_secs(900))
+        .step(
+            "kvm",
+            "/lab/runner kvm-check && ls -l /dev/kvm && dmesg | grep -E 'Nested (Paging|Virtualization) enabled'",
+        )
+        .step("io", "echo \"out $LAB_TEST_VAR\"; cat /lab/data/note.txt; echo err >&2; sleep 0.3")
+        .step("fail", "echo failing >&2; exit 7")
+        .step("signal", "kill -9 $$")
+        .step("rss", "dd if=/dev/zero of=/dev/null bs=48M count=1 2>/dev/null")
+        .step("big", "head -c 1500000 /dev/zero | tr '\\0' x")
+        .step_background("server", "sleep 0.5; echo server-done")
+        .step_background("forever", "echo started; exec sleep 1000")
+        .step("ldd", "qemu-img --version && qemu-img create -f qcow2 /tmp/t.qcow2 16M && qemu-img info /tmp/t.qcow2")
+        .wait_for("server")
+        .step("disk", "printf kiln-lab-disk-ok | dd of=/dev/vda conv=notrunc 2>/dev/null && head -c 22 /dev/vdb")
+        .step(
+            "microvm",
+            "qemu-system-x86_64 -M microvm -accel kvm -cpu host -m 256 -smp 1 -nodefaults -no-user-config \
+             -nographic -no-reboot -serial stdio -kernel /lab/guest/vmlinuz -initrd /lab/guest/initrd.cpio \
+             -append 'console=ttyS0 reboot=t panic=-1 quiet'",
+        )
+        .run()?;
+
+    eprintln!(
+        "lab boot {:?} (guest uptime {:?}), total {:?}",
+        report.lab_boot_time, report.guest_boot_time, report.total_time
+    );
+    for s in &report.steps {
+        eprintln!("step {:8} exit {:3} wall {:?} rss {} KiB", s.name, s.exit_code, s.wall, s.max_rss_kib);
+    }
+
+    // /dev/kvm inside the lab is real: KVM_GET_API_VERSION works, a VM can be created, nested paging.
+    let kvm = report.step("kvm")?.ensure_success()?;
+    assert!(kvm.stdout_str().contains("KVM_GET_API_VERSION=12"), "{}", kvm.stdout_str());
+    assert!(kvm.stdout_str().contains("KVM_CREATE_VM=ok"));
+    assert!(kvm.stdout_str().contains("Nested Paging enabled"));
+
+    // stdout, stderr, env, carried files, timing.
+    let io = report.step("io")?.ensure_success()?;
+    assert_eq!(io.stdout_str(), "out value with spaces\ncarried content\n");
+    assert_eq!(io.stderr_str(), "err\n");
+    assert!(io.wall >= Duration::from_millis(300) && io.wall < Duration::from_secs(30), "{:?}", io.wall);
+    assert!(!io.background && !io.killed);
+
+    // Failures come back with their code; signals as 128 + signal.
+    let fail = report.step("fail")?;
+    assert_eq!(fail.exit_code, 7);
+    assert_eq!(fail.stderr_str(), "failing\n");
+    match fail.ensure_success() {
+        Err(LabError::StepFailed { exit_code: 7, stderr_tail, .. }) => assert_eq!(stderr_tail, "failing\n"),
+        other => panic!("expected StepFailed, got {other:?}"),
+    }
+    let signal = report.step("signal")?;
+    assert_eq!((signal.exit_code, signal.signal), (137, Some(9)));
+
+    // Peak RSS of the largest process: dd's 48 MiB buffer.
+    let rss = report.step("rss")?.ensure_success()?;
+    assert!(rss.max_rss_kib >= 48 * 1024, "max_rss_kib {}", rss.max_rss_kib);
+    assert!(rss.max_rss_kib < 200 * 1024, "max_rss_kib {}", rss.max_rss_kib);
+
+    // Output is bounded to the last 1 MiB, with the dropped count reported.
+    let big = report.step("big")?.ensure_success()?;
+    assert_eq!(big.stdout.len(), 1 << 20);
+    assert!(big.stdout.iter().all(|&b| b == b'x'));
+    assert_eq!(big.stdout_dropped, 1_500_000 - (1 << 20));
+
+    // Background steps: one waited for, one stopped at the end of the scenario.
+    let server = report.step("server")?.ensure_success()?;
+    assert!(server.background && !server.killed);
+    assert_eq!(server.stdout_str(), "server-done\n");
+    assert!(server.wall >= Duration::from_millis(500));
+    let forever = report.step("forever")?;
+    assert!(forever.background && forever.killed);
+    assert_eq!(forever.signal, Some(15));
+    assert_eq!(forever.stdout_str(), "started\n");
+
+    // A dynamically linked binary carried with its ldd closure runs.
+    let ldd = report.step("ldd")?.ensure_success()?;
+    assert!(ldd.stdout_str().contains("qemu-img version"), "{}", ldd.stdout_str());
+    assert!(ldd.stdout_str().contains("file format: qcow2"), "{}", ldd.stdout_str());
+
+    // Disks: the write inside the lab is in the host file now; the read-only disk was readable.
+    let d = report.step("disk")?.ensure_success()?;
+    assert_eq!(d.stdout_str(), "read-only-disk-content");
+    let written = std::fs::read(&disk)?;
+    assert_eq!(&written[..16], b"kiln-lab-disk-ok");
+
+    // QEMU -M microvm -accel kvm inside the lab boots a Linux guest.
+    let microvm = report.step("microvm")?.ensure_success()?;
+    assert!(microvm.stdout_str().contains("NESTED-GUEST-UP"), "{}", microvm.stdout_str());
+
+    // The console came back too, separately from the results.
+    assert!(report.console.contains("lab: runner"), "{}", report.console);
+    assert!(!report.console.contains("\"t\":\"step\""));
+    assert!(report.lab_boot_time > Duration::ZERO && report.lab_boot_time < report.total_time);
+    Ok(())
+}
+
+#[test]
+fn lab_timeout_is_an_error_with_the_console_tail() -> TestResult {
+    let err = Lab::new()?
+        .timeout(Duration::from_secs(40))
+        .step("quick", "true")
+        .step("hang", "echo hanging; sleep 1000")
+        .run()
+        .err()
+        .ok_or("the lab should have timed out")?;
+    match &err {
+        LabError::Timeout { timeout, running_step, completed, console_tail } => {
+            assert_eq!(*timeout, Duration::from_secs(40));
+            assert!(console_tail.contains("lab: "), "console tail: {console_tail}");
+            // Under heavy load the runner may not even have started; when it has, it was in `hang`.
+            if let Some(step) = running_step {
+                assert_eq!(step, "hang");
+                assert_eq!(completed.len(), 1);
+                assert_eq!(completed[0].name, "quick");
+            }
+        }
+        other => panic!("expected a timeout, got {other}"),
+    }
+    assert!(err.to_string().contains("console tail"));
+    Ok(())
+}
+
+#[test]
+fn scenario_errors_are_reported_before_booting() -> TestResult {
+    let lab = Lab::new()?;
+    let dup = lab.clone().step("a", "true").step("a", "true").run();
+    assert!(matches!(dup, Err(LabError::Scenario(_))), "{dup:?}");
+    let wait = lab.clone().wait_for("nope").run();
+    assert!(matches!(wait, Err(LabError::Scenario(_))), "{wait:?}");
+    let reserved = lab.clone().file_bytes("x", "/lab/runner", 0o755).run();
+    assert!(matches!(reserved, Err(LabError::Scenario(_))), "{reserved:?}");
+    let missing = lab.file("/nonexistent/file", "/x").run();
+    assert!(matches!(missing, Err(LabError::Io { .. })), "{missing:?}");
+    Ok(())
+}
