@@ -123,6 +123,9 @@ impl ApiClient {
     ) -> Result<RawResponse, ClientError> {
         let transport =
             |source| ClientError::Transport { method: method.to_string(), path: path.to_string(), source };
+        if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+            return Err(transport(HttpError::Malformed(format!("invalid request path {path:?}"))));
+        }
         let reused = self.stream.is_some();
         let stream = match self.stream.take() {
             Some(s) => s,
