@@ -375,6 +375,9 @@ fn execute(
         }
         VIRTIO_BLK_T_GET_ID => {
             let total = check_data(mem, data, true)?;
+            if total == 0 {
+                return Err(ReqError::Invalid("no buffer for the id"));
+            }
             let mut src: &[u8] = &id[..usize::try_from(total).unwrap_or(ID_BYTES).min(ID_BYTES)];
             let mut written = 0u32;
             for d in data {
@@ -712,8 +715,15 @@ mod tests {
         assert_eq!((len, st), (21, VIRTIO_BLK_S_OK));
         assert_eq!(h.guest_bytes(BUF, 20), b"a-very-long-drive-id");
         assert_eq!(h.guest_bytes(BUF + 20, 12), [0xee; 12]);
-        // A readable buffer is refused.
+        // A readable buffer is refused, and so is no buffer.
         assert_eq!(h.request(VIRTIO_BLK_T_GET_ID, 0, &[(BUF, 20, 0)]), (1, VIRTIO_BLK_S_IOERR));
+        assert_eq!(h.request(VIRTIO_BLK_T_GET_ID, 0, &[]), (1, VIRTIO_BLK_S_IOERR));
+        // A short buffer gets what fits, across descriptors.
+        let (len, st) =
+            h.request(VIRTIO_BLK_T_GET_ID, 0, &[(BUF + 0x100, 4, F_WRITE), (BUF + 0x200, 4, F_WRITE)]);
+        assert_eq!((len, st), (9, VIRTIO_BLK_S_OK));
+        assert_eq!(h.guest_bytes(BUF + 0x100, 4), b"a-ve");
+        assert_eq!(h.guest_bytes(BUF + 0x200, 4), b"ry-l");
     }
 
     #[test]
