@@ -1,0 +1,260 @@
+//! The `kiln-vmm` binary: parses arguments, loads a Firecracker-format configuration, builds the VM
+//! and runs it until the guest stops. Exit codes are in `kiln_vmm::exit_code`.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use clap::Parser;
+use kiln_devices::legacy::boot_timer::StartTime;
+use kiln_vmm::builder::{self, BuildOptions, StartMicrovmError};
+use kiln_vmm::exit_code;
+use kiln_vmm::kvm_host::{self, KvmHost};
+use kiln_vmm::resources::{self, LoggerConfig, SerialOutput, VmResources};
+use kiln_vmm::vmm::VmExit;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kiln-vmm",
+    version,
+    about = "Kiln's KVM microVM monitor (Firecracker-compatible configuration)"
+)]
+struct Args {
+    /// Firecracker-format VM configuration file (boot-source, drives, machine-config, ...).
+    #[arg(long, value_name = "FILE")]
+    config_file: Option<PathBuf>,
+    /// Don't serve the API socket; the VM is fully described by --config-file.
+    #[arg(long)]
+    no_api: bool,
+    /// Path of the Firecracker-compatible API socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Instance id, shown in logs.
+    #[arg(long, default_value = "anonymous-instance")]
+    id: String,
+    /// Log level: Error, Warning, Info, Debug, Trace or Off (case-insensitive).
+    #[arg(long)]
+    level: Option<String>,
+    /// Write the log here instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    log_path: Option<PathBuf>,
+    /// Include the level in log lines.
+    #[arg(long)]
+    show_level: bool,
+    /// Include the source file and line in log lines.
+    #[arg(long)]
+    show_log_origin: bool,
+    /// Accepted for Firecracker compatibility: the boot timer is always present.
+    #[arg(long)]
+    boot_timer: bool,
+    /// Accepted for Firecracker compatibility: kiln-vmm does not install seccomp filters yet.
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Write the guest's serial console here instead of stdout.
+    #[arg(long, value_name = "PATH")]
+    serial_out: Option<PathBuf>,
+    /// Don't feed stdin to the guest's serial console.
+    #[arg(long)]
+    no_stdin: bool,
+    /// Run even though /dev/kvm is PVM (only PVM-enabled guest kernels boot there).
+    #[arg(long)]
+    allow_pvm: bool,
+}
+
+/// An error to report and the exit code that goes with it.
+struct Failure {
+    code: i32,
+    message: String,
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn fail(code: i32, message: impl Into<String>) -> Failure {
+    Failure { code, message: message.into() }
+}
+
+fn init_logging(args: &Args, cfg: Option<&LoggerConfig>) -> Result<(), Failure> {
+    let level =
+        args.level.clone().or_else(|| cfg.and_then(|c| c.level.clone())).unwrap_or_else(|| "info".into());
+    let filter = match level.to_ascii_lowercase().as_str() {
+        "off" => "off",
+        "error" => "error",
+        "warning" | "warn" => "warn",
+        "info" => "info",
+        "debug" => "debug",
+        "trace" => "trace",
+        other => {
+            return Err(fail(
+                exit_code::ARG_PARSING,
+                format!("unknown log level '{other}': use Error, Warning, Info, Debug, Trace or Off"),
+            ))
+        }
+    };
+    let filter = match cfg.and_then(|c| c.module.clone()) {
+        Some(m) => format!("off,{m}={filter}"),
+        None => filter.to_string(),
+    };
+    let show_level = args.show_level || cfg.is_some_and(|c| c.show_level);
+    let show_origin = args.show_log_origin || cfg.is_some_and(|c| c.show_origin);
+    let path = args.log_path.clone().or_else(|| cfg.and_then(|c| c.path.clone()));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_level(show_level)
+        .with_file(show_origin)
+        .with_line_number(show_origin)
+        .with_target(false)
+        .with_ansi(false);
+    let res = match path {
+        Some(p) => {
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(|e| {
+                fail(exit_code::BAD_CONFIGURATION, format!("cannot open log file {}: {e}", p.display()))
+            })?;
+            builder.with_writer(std::sync::Mutex::new(f)).try_init()
+        }
+        None => builder.with_writer(std::io::stderr).try_init(),
+    };
+    res.map_err(|e| fail(exit_code::VMM_ERROR, format!("cannot set up logging: {e}")))
+}
+
+/// Puts a terminal on stdin into raw mode for the guest console and restores it on drop.
+struct RawTerminal(Option<libc::termios>);
+
+impl RawTerminal {
+    fn enable() -> Self {
+        if !std::io::stdin().is_terminal() {
+            return Self(None);
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it for fd 0, which is a terminal.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; the pointer is to our local.
+        if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut t) } != 0 {
+            return Self(None);
+        }
+        let saved = t;
+        // Keep ISIG so Ctrl-C still reaches the VMM; pass everything else through to the guest.
+        t.c_lflag &= !(libc::ICANON | libc::ECHO);
+        // SAFETY: sets attributes of fd 0 from a termios we initialised from it.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t) };
+        Self(Some(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(t) = self.0 {
+            // SAFETY: restores the attributes saved from fd 0.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t) };
+        }
+    }
+}
+
+fn start_error_code(e: &StartMicrovmError) -> i32 {
+    match e {
+        StartMicrovmError::Drive { .. }
+        | StartMicrovmError::Rng(_)
+        | StartMicrovmError::Load(_)
+        | StartMicrovmError::TooManyVcpus { .. }
+        | StartMicrovmError::MemoryBeyondAddressSpace { .. }
+        | StartMicrovmError::MemoryMap { .. } => exit_code::BAD_CONFIGURATION,
+        _ => exit_code::VMM_ERROR,
+    }
+}
+
+fn run(start: StartTime) -> Result<i32, Failure> {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => exit_code::ARG_PARSING,
+            };
+            let _ = e.print();
+            return Ok(code);
+        }
+    };
+    let config_path = match (&args.config_file, &args.api_sock, args.no_api) {
+        (Some(p), None, _) => p.clone(),
+        (_, Some(_), false) | (None, Some(_), true) => {
+            return Err(fail(
+                exit_code::ARG_PARSING,
+                "the API socket (--api-sock) is not served by this kiln-vmm yet: describe the VM with --config-file FILE --no-api",
+            ))
+        }
+        (Some(p), Some(_), true) => p.clone(),
+        (None, None, _) => {
+            return Err(fail(exit_code::ARG_PARSING, "nothing to run: give --config-file FILE --no-api (see --help)"))
+        }
+    };
+    let text = std::fs::read_to_string(&config_path).map_err(|e| {
+        fail(exit_code::BAD_CONFIGURATION, format!("cannot read config file {}: {e}", config_path.display()))
+    })?;
+    let cfg = kiln_fc_api::models::parse_config_file(&text).map_err(|e| {
+        fail(exit_code::BAD_CONFIGURATION, format!("{}: {}", config_path.display(), chain(&e)))
+    })?;
+    let mut res = VmResources::from_config(&cfg, resources::host_memory_mib()).map_err(|e| {
+        fail(exit_code::BAD_CONFIGURATION, format!("{}: {}", config_path.display(), chain(&e)))
+    })?;
+    if let Some(p) = &args.serial_out {
+        res.serial = SerialOutput::File(p.clone());
+    }
+    init_logging(&args, res.logger.as_ref())?;
+    tracing::info!("kiln-vmm {} starting instance {}", env!("CARGO_PKG_VERSION"), args.id);
+
+    let backends = builder::open_backends(&res).map_err(|e| fail(start_error_code(&e), chain(&e)))?;
+
+    if kvm_host::host_is_pvm() && !args.allow_pvm {
+        return Err(fail(exit_code::KVM_UNAVAILABLE, kvm_host::PVM_EXPLANATION));
+    }
+    let host = KvmHost::open().map_err(|e| fail(exit_code::KVM_UNAVAILABLE, chain(&e)))?;
+
+    let serial_out: Box<dyn Write + Send> = match &res.serial {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::File(p) => {
+            Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p).map_err(|e| {
+                fail(exit_code::BAD_CONFIGURATION, format!("cannot open serial output {}: {e}", p.display()))
+            })?)
+        }
+    };
+    let vmm = builder::build_microvm(
+        &res,
+        backends,
+        &host,
+        BuildOptions { serial_out, serial_in: !args.no_stdin, start },
+    )
+    .map_err(|e| fail(start_error_code(&e), chain(&e)))?;
+
+    let _terminal = if args.no_stdin { RawTerminal(None) } else { RawTerminal::enable() };
+    let exit = vmm.run().map_err(|e| fail(exit_code::VMM_ERROR, chain(&e)))?;
+    let _ = std::io::stdout().flush();
+    Ok(match exit {
+        VmExit::GuestStopped(why) => {
+            tracing::info!("VM stopped: {why}");
+            exit_code::OK
+        }
+        VmExit::Failed(why) => {
+            tracing::error!("VM failed: {why}");
+            eprintln!("kiln-vmm: the VM failed: {why}");
+            exit_code::VM_FAILED
+        }
+    })
+}
+
+fn main() {
+    let start = StartTime::now();
+    let code = match run(start) {
+        Ok(code) => code,
+        Err(f) => {
+            eprintln!("kiln-vmm: {}", f.message);
+            f.code
+        }
+    };
+    std::process::exit(code);
+}

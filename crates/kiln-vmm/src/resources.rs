@@ -1,0 +1,371 @@
+//! Pre-boot configuration: what the VM will be, validated, before anything touches KVM. Built from
+//! Firecracker's configuration model (`kiln-fc-api` types) so a file `firecracker --config-file`
+//! accepts means the same VM here.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use kiln_devices::virtio::block::CacheType;
+use kiln_fc_api::models::{self, FullVmConfiguration};
+
+use crate::arch::layout::MAX_VIRTIO_DEVICES;
+
+/// Firecracker's default kernel command line, used when `boot_args` is not given.
+pub const DEFAULT_BOOT_ARGS: &str =
+    "reboot=k panic=1 pci=off nomodule 8250.nr_uarts=0 i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce";
+pub const MAX_VCPUS: u8 = 32;
+pub const DEFAULT_VCPUS: u8 = 1;
+pub const DEFAULT_MEM_MIB: u64 = 128;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResourcesError {
+    #[error("the configuration has no boot-source: add one with at least kernel_image_path")]
+    NoBootSource,
+    #[error("vcpu_count {0} is out of range: use 1 to {MAX_VCPUS}")]
+    VcpuCount(u8),
+    #[error("vcpu_count {0} is odd while smt is on: with SMT use 1 or an even number of vCPUs")]
+    VcpuCountSmt(u8),
+    #[error("mem_size_mib must be at least 1")]
+    MemoryZero,
+    #[error("mem_size_mib {requested} is more than this host can back ({available} MiB of RAM and swap): lower mem_size_mib")]
+    MemoryTooLarge { requested: u64, available: u64 },
+    #[error("{what} is not supported by this kiln-vmm yet: remove it from the configuration")]
+    Unsupported { what: String },
+    #[error("two drives are named '{0}': drive_id must be unique")]
+    DuplicateDrive(String),
+    #[error("drives '{0}' and '{1}' are both root devices: mark only one is_root_device")]
+    TwoRootDevices(String, String),
+    #[error("drive '{0}' has no path_on_host: give the backing file (vhost-user 'socket' drives are not supported)")]
+    DrivePath(String),
+    #[error("drive_id '{0}' is invalid: use 1-64 characters from [A-Za-z0-9_]")]
+    DriveId(String),
+    #[error("{0} virtio devices were configured; at most {MAX_VIRTIO_DEVICES} fit")]
+    TooManyDevices(usize),
+}
+
+/// One block device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveConfig {
+    pub id: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub is_root: bool,
+    pub partuuid: Option<String>,
+    pub cache: CacheType,
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SerialOutput {
+    #[default]
+    Stdout,
+    File(PathBuf),
+}
+
+/// Log settings from the `logger` section.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LoggerConfig {
+    pub path: Option<PathBuf>,
+    pub level: Option<String>,
+    pub show_level: bool,
+    pub show_origin: bool,
+    pub module: Option<String>,
+}
+
+/// Everything needed to build a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmResources {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub boot_args: String,
+    pub vcpu_count: u8,
+    pub smt: bool,
+    pub mem_size_mib: u64,
+    pub huge_pages_2m: bool,
+    /// In attach order, the root device (if any) first so the guest sees it as /dev/vda.
+    pub drives: Vec<DriveConfig>,
+    pub entropy: bool,
+    pub serial: SerialOutput,
+    pub logger: Option<LoggerConfig>,
+}
+
+fn unsupported(what: &str) -> ResourcesError {
+    ResourcesError::Unsupported { what: what.to_string() }
+}
+
+fn valid_drive_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+impl VmResources {
+    /// Validates a Firecracker configuration. `host_memory_mib` is RAM + swap, when known.
+    pub fn from_config(
+        cfg: &FullVmConfiguration,
+        host_memory_mib: Option<u64>,
+    ) -> Result<Self, ResourcesError> {
+        let boot = cfg.boot_source.as_ref().ok_or(ResourcesError::NoBootSource)?;
+
+        let (vcpu_count, mem_size_mib, smt, huge_pages_2m) = match &cfg.machine_config {
+            Some(m) => {
+                if m.cpu_template.as_ref().is_some_and(|t| *t != models::CpuTemplate::None) {
+                    return Err(unsupported("machine-config.cpu_template"));
+                }
+                if m.track_dirty_pages {
+                    tracing::warn!(
+                        "track_dirty_pages is accepted but has no effect until snapshots are supported"
+                    );
+                }
+                (m.vcpu_count, m.mem_size_mib, m.smt, m.huge_pages == models::HugePages::Hugetlbfs2M)
+            }
+            None => (DEFAULT_VCPUS, DEFAULT_MEM_MIB, false, false),
+        };
+        if vcpu_count == 0 || vcpu_count > MAX_VCPUS {
+            return Err(ResourcesError::VcpuCount(vcpu_count));
+        }
+        if smt && vcpu_count > 1 && vcpu_count % 2 == 1 {
+            return Err(ResourcesError::VcpuCountSmt(vcpu_count));
+        }
+        if mem_size_mib == 0 {
+            return Err(ResourcesError::MemoryZero);
+        }
+        if let Some(available) = host_memory_mib {
+            if mem_size_mib > available {
+                return Err(ResourcesError::MemoryTooLarge { requested: mem_size_mib, available });
+            }
+        }
+
+        for (present, what) in [
+            (!cfg.network_interfaces.is_empty(), "network-interfaces"),
+            (cfg.vsock.is_some(), "vsock"),
+            (cfg.balloon.is_some(), "balloon"),
+            (cfg.mmds_config.is_some(), "mmds-config"),
+            (!cfg.pmem.is_empty(), "pmem"),
+            (cfg.memory_hotplug.is_some(), "memory-hotplug"),
+            (cfg.cpu_config.is_some(), "cpu-config"),
+            (cfg.metrics.is_some(), "metrics"),
+        ] {
+            if present {
+                return Err(unsupported(what));
+            }
+        }
+
+        let mut drives = Vec::new();
+        let mut seen = HashSet::new();
+        let mut root: Option<String> = None;
+        for d in &cfg.drives {
+            if !valid_drive_id(&d.drive_id) {
+                return Err(ResourcesError::DriveId(d.drive_id.clone()));
+            }
+            if !seen.insert(d.drive_id.clone()) {
+                return Err(ResourcesError::DuplicateDrive(d.drive_id.clone()));
+            }
+            if d.socket.is_some() {
+                return Err(unsupported("vhost-user block drives ('socket')"));
+            }
+            if d.rate_limiter.is_some() {
+                return Err(unsupported(&format!("drive '{}' rate_limiter", d.drive_id)));
+            }
+            let path = d.path_on_host.clone().ok_or_else(|| ResourcesError::DrivePath(d.drive_id.clone()))?;
+            if d.is_root_device {
+                if let Some(r) = &root {
+                    return Err(ResourcesError::TwoRootDevices(r.clone(), d.drive_id.clone()));
+                }
+                root = Some(d.drive_id.clone());
+            }
+            if d.io_engine == models::IoEngine::Async {
+                tracing::info!(drive = %d.drive_id, "io_engine Async is served by the synchronous engine");
+            }
+            drives.push(DriveConfig {
+                id: d.drive_id.clone(),
+                path,
+                read_only: d.is_read_only.unwrap_or(false),
+                is_root: d.is_root_device,
+                partuuid: d.partuuid.clone(),
+                cache: match d.cache_type {
+                    models::CacheType::Unsafe => CacheType::Unsafe,
+                    models::CacheType::Writeback => CacheType::Writeback,
+                },
+            });
+        }
+        // The root device is attached first, so the guest names it /dev/vda.
+        drives.sort_by_key(|d| !d.is_root);
+
+        let entropy = match &cfg.entropy {
+            Some(e) if e.rate_limiter.is_some() => return Err(unsupported("entropy rate_limiter")),
+            Some(_) => true,
+            None => false,
+        };
+        let devices = drives.len() + usize::from(entropy);
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ResourcesError::TooManyDevices(devices));
+        }
+
+        let logger = cfg.logger.as_ref().map(|l| LoggerConfig {
+            path: l.log_path.clone(),
+            level: l.level.map(|v| v.as_str().to_string()),
+            show_level: l.show_level.unwrap_or(false),
+            show_origin: l.show_log_origin.unwrap_or(false),
+            module: l.module.clone(),
+        });
+
+        Ok(Self {
+            kernel: boot.kernel_image_path.clone(),
+            initrd: boot.initrd_path.clone(),
+            boot_args: boot.boot_args.clone().unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string()),
+            vcpu_count,
+            smt,
+            mem_size_mib,
+            huge_pages_2m,
+            drives,
+            entropy,
+            serial: SerialOutput::Stdout,
+            logger,
+        })
+    }
+
+    /// The kernel command line the guest gets: the configured one, then the root device and the
+    /// virtio-mmio devices (`virtio_mmio.device=<size>@<addr>:<irq>`), in attach order.
+    pub fn kernel_cmdline(&self, devices: &[(u64, u64, u32)]) -> String {
+        let mut c = self.boot_args.trim().to_string();
+        // Anything after " -- " belongs to init; kernel parameters must go before it.
+        let (kernel_part, init_part) = match c.find(" -- ") {
+            Some(i) => (c[..i].to_string(), Some(c[i..].to_string())),
+            None if c.starts_with("-- ") => (String::new(), Some(format!(" {c}"))),
+            None => (c.clone(), None),
+        };
+        c = kernel_part;
+        if let Some(root) = self.drives.iter().find(|d| d.is_root) {
+            let dev = match &root.partuuid {
+                Some(u) => format!("root=PARTUUID={u}"),
+                None => "root=/dev/vda".to_string(),
+            };
+            c.push_str(&format!(" {dev} {}", if root.read_only { "ro" } else { "rw" }));
+        }
+        for (addr, size, irq) in devices {
+            c.push_str(&format!(" virtio_mmio.device={}K@{addr:#x}:{irq}", size / 1024));
+        }
+        if let Some(init) = init_part {
+            c.push_str(&init);
+        }
+        c.trim().to_string()
+    }
+}
+
+/// RAM + swap of this host in MiB, from /proc/meminfo.
+pub fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("MemTotal:")? + field("SwapTotal:").unwrap_or(0)) / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_fc_api::models::parse_config_file;
+
+    fn cfg(json: &str) -> FullVmConfiguration {
+        parse_config_file(json).unwrap()
+    }
+
+    const BASE: &str = r#""boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0"}"#;
+
+    #[test]
+    fn defaults_follow_firecracker() {
+        let r =
+            VmResources::from_config(&cfg(r#"{"boot-source": {"kernel_image_path": "/k"}}"#), None).unwrap();
+        assert_eq!((r.vcpu_count, r.mem_size_mib, r.boot_args.as_str()), (1, 128, DEFAULT_BOOT_ARGS));
+    }
+
+    #[test]
+    fn vcpu_and_memory_limits() {
+        for (n, ok) in [(0, false), (1, true), (32, true), (33, false)] {
+            let j = format!(r#"{{{BASE}, "machine-config": {{"vcpu_count": {n}, "mem_size_mib": 256}}}}"#);
+            assert_eq!(VmResources::from_config(&cfg(&j), None).is_ok(), ok, "vcpu_count {n}");
+        }
+        let j =
+            format!(r#"{{{BASE}, "machine-config": {{"vcpu_count": 3, "mem_size_mib": 256, "smt": true}}}}"#);
+        assert_eq!(VmResources::from_config(&cfg(&j), None), Err(ResourcesError::VcpuCountSmt(3)));
+        let j = format!(r#"{{{BASE}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": 4096}}}}"#);
+        assert_eq!(
+            VmResources::from_config(&cfg(&j), Some(1024)),
+            Err(ResourcesError::MemoryTooLarge { requested: 4096, available: 1024 })
+        );
+        let j = format!(r#"{{{BASE}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": 0}}}}"#);
+        assert_eq!(VmResources::from_config(&cfg(&j), None), Err(ResourcesError::MemoryZero));
+    }
+
+    #[test]
+    fn drives_validated_and_root_first() {
+        let j = format!(
+            r#"{{{BASE}, "drives": [
+              {{"drive_id": "data", "path_on_host": "/d", "is_root_device": false, "is_read_only": true}},
+              {{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true, "is_read_only": false}}]}}"#
+        );
+        let r = VmResources::from_config(&cfg(&j), None).unwrap();
+        assert_eq!(r.drives[0].id, "rootfs");
+        assert!(r.drives[1].read_only);
+        let cmd = r.kernel_cmdline(&[(0xd000_0000, 0x1000, 5), (0xd000_1000, 0x1000, 6)]);
+        assert_eq!(
+            cmd,
+            "console=ttyS0 root=/dev/vda rw virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+
+        let dup = format!(
+            r#"{{{BASE}, "drives": [{{"drive_id": "a", "path_on_host": "/a", "is_root_device": false}},
+            {{"drive_id": "a", "path_on_host": "/b", "is_root_device": false}}]}}"#
+        );
+        assert_eq!(
+            VmResources::from_config(&cfg(&dup), None),
+            Err(ResourcesError::DuplicateDrive("a".into()))
+        );
+        let two_roots = format!(
+            r#"{{{BASE}, "drives": [{{"drive_id": "a", "path_on_host": "/a", "is_root_device": true}},
+            {{"drive_id": "b", "path_on_host": "/b", "is_root_device": true}}]}}"#
+        );
+        assert!(matches!(
+            VmResources::from_config(&cfg(&two_roots), None),
+            Err(ResourcesError::TwoRootDevices(..))
+        ));
+        let no_path = format!(r#"{{{BASE}, "drives": [{{"drive_id": "a", "is_root_device": false}}]}}"#);
+        assert_eq!(
+            VmResources::from_config(&cfg(&no_path), None),
+            Err(ResourcesError::DrivePath("a".into()))
+        );
+    }
+
+    #[test]
+    fn init_arguments_stay_last() {
+        let j = r#"{"boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0 -- echo hi"},
+                   "drives": [{"drive_id": "r", "path_on_host": "/r", "is_root_device": true, "is_read_only": true,
+                               "partuuid": "abcd-01"}]}"#;
+        let r = VmResources::from_config(&cfg(j), None).unwrap();
+        assert_eq!(
+            r.kernel_cmdline(&[(0xd000_0000, 0x1000, 5)]),
+            "console=ttyS0 root=PARTUUID=abcd-01 ro virtio_mmio.device=4K@0xd0000000:5 -- echo hi"
+        );
+    }
+
+    #[test]
+    fn unsupported_sections_are_named() {
+        let j =
+            format!(r#"{{{BASE}, "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "tap0"}}]}}"#);
+        assert_eq!(
+            VmResources::from_config(&cfg(&j), None),
+            Err(ResourcesError::Unsupported { what: "network-interfaces".into() })
+        );
+        let j = format!(r#"{{{BASE}, "entropy": {{}}}}"#);
+        assert!(VmResources::from_config(&cfg(&j), None).unwrap().entropy);
+        // Firecracker's parser already refuses a file without boot-source; a default-constructed
+        // configuration (as the API builds before PUT /boot-source) is refused here.
+        assert!(parse_config_file("{}").is_err());
+        assert_eq!(
+            VmResources::from_config(&FullVmConfiguration::default(), None),
+            Err(ResourcesError::NoBootSource)
+        );
+    }
+}

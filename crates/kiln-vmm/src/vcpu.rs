@@ -1,0 +1,193 @@
+//! vCPUs: per-vCPU configuration (CPUID, MSRs, registers, LAPIC) and the thread that runs `KVM_RUN`
+//! and dispatches the guest's port and memory-mapped I/O to the device buses.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kiln_devices::bus::Bus;
+use kvm_bindings::{CpuId, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::{cpuid, msr, regs};
+use crate::kvm_host::KvmHost;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vCPU {id}: {ioctl} failed")]
+    Ioctl {
+        id: u8,
+        ioctl: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {id}: KVM accepted {set} of {wanted} boot MSRs")]
+    Msrs { id: u8, set: usize, wanted: usize },
+    #[error("vCPU {id}: building the MSR list failed")]
+    MsrList { id: u8 },
+    #[error("vCPU {id}: setting up boot registers failed")]
+    Regs {
+        id: u8,
+        #[source]
+        source: regs::RegsError,
+    },
+}
+
+/// How a vCPU thread ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuOutcome {
+    /// The guest stopped itself (reset, triple fault, shutdown, halt): a normal end.
+    GuestStopped(String),
+    /// The guest or KVM failed: the VM cannot continue.
+    Failed(String),
+}
+
+/// Sets up one vCPU for boot.
+pub fn configure(
+    vcpu: &VcpuFd,
+    id: u8,
+    host: &KvmHost,
+    topo: cpuid::Topology,
+    mem: &GuestMemoryMmap,
+    mode: regs::EntryMode,
+    entry: u64,
+) -> Result<(), VcpuError> {
+    let io = |ioctl| move |source| VcpuError::Ioctl { id, ioctl, source };
+
+    let mut entries = host.supported_cpuid.as_slice().to_vec();
+    cpuid::fixup(&mut entries, id, topo);
+    let cpuid = CpuId::from_entries(&entries).map_err(|_| VcpuError::MsrList { id })?;
+    vcpu.set_cpuid2(&cpuid).map_err(io("KVM_SET_CPUID2"))?;
+
+    let boot_msrs = msr::boot_msrs(&host.msr_index_list);
+    if !boot_msrs.is_empty() {
+        let msrs = Msrs::from_entries(&boot_msrs).map_err(|_| VcpuError::MsrList { id })?;
+        let set = vcpu.set_msrs(&msrs).map_err(io("KVM_SET_MSRS"))?;
+        if set != boot_msrs.len() {
+            return Err(VcpuError::Msrs { id, set, wanted: boot_msrs.len() });
+        }
+    }
+
+    let sregs = vcpu.get_sregs().map_err(io("KVM_GET_SREGS"))?;
+    let sregs = regs::setup_sregs(mem, mode, sregs).map_err(|source| VcpuError::Regs { id, source })?;
+    vcpu.set_sregs(&sregs).map_err(io("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&regs::boot_regs(mode, entry)).map_err(io("KVM_SET_REGS"))?;
+    vcpu.set_fpu(&regs::boot_fpu()).map_err(io("KVM_SET_FPU"))?;
+
+    let mut lapic = vcpu.get_lapic().map_err(io("KVM_GET_LAPIC"))?;
+    regs::configure_lint(&mut lapic);
+    vcpu.set_lapic(&lapic).map_err(io("KVM_SET_LAPIC"))?;
+    Ok(())
+}
+
+/// Monotonic clock in nanoseconds (CLOCK_MONOTONIC), comparable across processes.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Everything a vCPU thread needs.
+pub struct VcpuRunner {
+    pub id: u8,
+    pub fd: VcpuFd,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    /// Where the thread reports how it ended.
+    pub outcome_tx: Sender<(u8, VcpuOutcome)>,
+    /// Written after reporting, to wake the event loop.
+    pub outcome_evt: EventFd,
+    /// The VMM's start, for the first-KVM_RUN timing line.
+    pub process_start: Instant,
+    /// Set when the VMM stops the VM; the thread then leaves at its next exit from KVM_RUN.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl VcpuRunner {
+    /// Runs the vCPU until the guest stops or fails, then reports.
+    pub fn run(mut self) {
+        if self.id == 0 {
+            tracing::info!(
+                "vCPU 0 first KVM_RUN at monotonic_ns={} ({} us after VMM start)",
+                monotonic_ns(),
+                self.process_start.elapsed().as_micros()
+            );
+        }
+        let outcome = loop {
+            if self.stop.load(Ordering::SeqCst) {
+                break VcpuOutcome::GuestStopped("stopped by the VMM".into());
+            }
+            if let Some(outcome) = self.run_once() {
+                break outcome;
+            }
+        };
+        match &outcome {
+            VcpuOutcome::GuestStopped(why) => tracing::info!("vCPU {}: guest stopped: {why}", self.id),
+            VcpuOutcome::Failed(why) => tracing::error!("vCPU {}: {why}", self.id),
+        }
+        // The receiver lives as long as the VMM; if it is gone the process is exiting anyway.
+        let _ = self.outcome_tx.send((self.id, outcome));
+        let _ = self.outcome_evt.write(1);
+    }
+
+    /// One `KVM_RUN`; `Some` when the vCPU must stop.
+    fn run_once(&mut self) -> Option<VcpuOutcome> {
+        match self.fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoIn(port, data) => {
+                    if !self.pio.read(u64::from(port), data) {
+                        data.fill(0xff);
+                        tracing::trace!("unhandled PIO read at {port:#x}");
+                    }
+                    None
+                }
+                VcpuExit::IoOut(port, data) => {
+                    if !self.pio.write(u64::from(port), data) {
+                        tracing::trace!("unhandled PIO write at {port:#x}");
+                    }
+                    None
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    if !self.mmio.read(addr, data) {
+                        data.fill(0xff);
+                        tracing::trace!("unhandled MMIO read at {addr:#x}");
+                    }
+                    None
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    if !self.mmio.write(addr, data) {
+                        tracing::trace!("unhandled MMIO write at {addr:#x}");
+                    }
+                    None
+                }
+                VcpuExit::Hlt => Some(VcpuOutcome::GuestStopped("halted".into())),
+                VcpuExit::Shutdown => Some(VcpuOutcome::GuestStopped("shutdown (reset or triple fault)".into())),
+                VcpuExit::SystemEvent(kind, _) => match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
+                        Some(VcpuOutcome::GuestStopped("system event: shutdown".into()))
+                    }
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => Some(VcpuOutcome::GuestStopped("system event: reset".into())),
+                    other => Some(VcpuOutcome::Failed(format!("guest crashed (KVM system event {other})"))),
+                },
+                VcpuExit::FailEntry(reason, cpu) => Some(VcpuOutcome::Failed(format!(
+                    "KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}, cpu {cpu})"
+                ))),
+                VcpuExit::InternalError => {
+                    // SAFETY: after KVM_EXIT_INTERNAL_ERROR the `internal` member is the active one.
+                    let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    Some(VcpuOutcome::Failed(format!(
+                        "KVM_EXIT_INTERNAL_ERROR (suberror {suberror}): KVM could not emulate a guest instruction"
+                    )))
+                }
+                VcpuExit::Intr => None,
+                other => Some(VcpuOutcome::Failed(format!("unexpected KVM exit {other:?}"))),
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(VcpuOutcome::Failed(format!("KVM_RUN failed: {e}"))),
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! A built VM and its event loop: starts the vCPU threads, then serves device work on this thread
+//! (virtio queue notifications from ioeventfds, serial input from stdin, the i8042 reset line,
+//! vCPU outcomes) until the guest stops or fails. Stopping kicks every vCPU out of `KVM_RUN`.
+
+use std::os::unix::io::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kiln_devices::bus::{lock, Bus};
+use kiln_devices::legacy::i8042::I8042Device;
+use kiln_devices::legacy::serial::SerialDevice;
+use kiln_devices::virtio::mmio::MmioTransport;
+use kvm_ioctls::{VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::vcpu::{VcpuOutcome, VcpuRunner};
+
+const TOKEN_RESET: u64 = 0;
+const TOKEN_VCPU: u64 = 1;
+const TOKEN_SERIAL_DRAINED: u64 = 2;
+const TOKEN_STDIN: u64 = 3;
+const TOKEN_QUEUE_BASE: u64 = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("event loop: {0}")]
+    EventLoop(#[source] std::io::Error),
+    #[error("cannot start vCPU thread")]
+    SpawnVcpu(#[source] std::io::Error),
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest stopped itself: reboot through the i8042, shutdown, triple fault.
+    GuestStopped(String),
+    /// A vCPU failed (KVM could not run or emulate the guest).
+    Failed(String),
+}
+
+/// An ioeventfd KVM signals when the guest writes QueueNotify for `queue` of `transport`.
+pub struct QueueNotifier {
+    pub evt: EventFd,
+    pub transport: Arc<Mutex<MmioTransport>>,
+    pub queue: u32,
+}
+
+/// The devices the event loop serves.
+pub struct VmmDevices {
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub serial_drained: EventFd,
+    pub serial_in: bool,
+    pub i8042: Arc<Mutex<I8042Device>>,
+    pub reset_evt: EventFd,
+    pub notifiers: Vec<QueueNotifier>,
+}
+
+/// A built microVM.
+pub struct Vmm {
+    // Field order matters on drop: vCPUs go before the VM, and the VM before guest memory.
+    vcpus: Vec<VcpuFd>,
+    _vm: VmFd,
+    _mem: GuestMemoryMmap,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    devices: VmmDevices,
+    process_start: Instant,
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+extern "C" fn noop_signal_handler(_: libc::c_int) {}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: installs a handler that does nothing (async-signal-safe) for a real-time signal
+        // no other part of the process uses; no SA_RESTART, so KVM_RUN returns EINTR.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = noop_signal_handler as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+        }
+    });
+}
+
+impl Vmm {
+    pub(crate) fn new(
+        vm: VmFd,
+        mem: GuestMemoryMmap,
+        vcpus: Vec<VcpuFd>,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        devices: VmmDevices,
+        process_start: Instant,
+    ) -> Self {
+        Self { vcpus, _vm: vm, _mem: mem, pio, mmio, devices, process_start }
+    }
+
+    /// Lets the host deliver Ctrl-Alt-Del to the guest's i8042.
+    pub fn i8042(&self) -> Arc<Mutex<I8042Device>> {
+        self.devices.i8042.clone()
+    }
+
+    /// Runs the VM until the guest stops or a vCPU fails. All vCPU threads have ended on return.
+    pub fn run(mut self) -> Result<VmExit, VmmError> {
+        install_kick_handler();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let outcome_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventLoop)?;
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for (id, fd) in self.vcpus.drain(..).enumerate() {
+            let runner = VcpuRunner {
+                id: id as u8,
+                fd,
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                outcome_tx: tx.clone(),
+                outcome_evt: outcome_evt.try_clone().map_err(VmmError::EventLoop)?,
+                process_start: self.process_start,
+                stop: stop.clone(),
+            };
+            let t = std::thread::Builder::new()
+                .name(format!("kiln_vcpu{id}"))
+                .spawn(move || runner.run())
+                .map_err(VmmError::SpawnVcpu)?;
+            threads.push(t);
+        }
+        drop(tx);
+        let result = self.event_loop(&outcome_evt, &rx);
+        stop_vcpus(&stop, threads);
+        result
+    }
+
+    fn event_loop(
+        &mut self,
+        outcome_evt: &EventFd,
+        rx: &mpsc::Receiver<(u8, VcpuOutcome)>,
+    ) -> Result<VmExit, VmmError> {
+        let epoll = Epoll::new().map_err(VmmError::EventLoop)?;
+        let add = |fd: i32, token: u64| {
+            epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+                .map_err(VmmError::EventLoop)
+        };
+        add(self.devices.reset_evt.as_raw_fd(), TOKEN_RESET)?;
+        add(outcome_evt.as_raw_fd(), TOKEN_VCPU)?;
+        add(self.devices.serial_drained.as_raw_fd(), TOKEN_SERIAL_DRAINED)?;
+        for (i, n) in self.devices.notifiers.iter().enumerate() {
+            add(n.evt.as_raw_fd(), TOKEN_QUEUE_BASE + i as u64)?;
+        }
+        // Serial input: read stdin only while the UART's FIFO has room; when it is full, stop
+        // watching stdin until the guest drains the FIFO.
+        let mut stdin_watched = false;
+        if self.devices.serial_in {
+            stdin_watched = add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
+        }
+        let mut stdin_open = stdin_watched;
+
+        let mut events = vec![EpollEvent::default(); 32];
+        loop {
+            // A periodic wake-up covers a FIFO that drained while stdin was unwatched.
+            let timeout = if stdin_open && !stdin_watched { 50 } else { -1 };
+            let n = match epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(VmmError::EventLoop(e)),
+            };
+            if n == 0 && stdin_open && !stdin_watched && lock(&self.devices.serial).input_space() > 0 {
+                stdin_watched = add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
+            }
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_RESET => {
+                        let _ = self.devices.reset_evt.read();
+                        return Ok(VmExit::GuestStopped("guest reset through the i8042 controller".into()));
+                    }
+                    TOKEN_VCPU => {
+                        let _ = outcome_evt.read();
+                        if let Ok((id, outcome)) = rx.try_recv() {
+                            return Ok(match outcome {
+                                VcpuOutcome::GuestStopped(why) => {
+                                    VmExit::GuestStopped(format!("vCPU {id}: {why}"))
+                                }
+                                VcpuOutcome::Failed(why) => VmExit::Failed(format!("vCPU {id}: {why}")),
+                            });
+                        }
+                    }
+                    TOKEN_SERIAL_DRAINED => {
+                        let _ = self.devices.serial_drained.read();
+                        if stdin_open && !stdin_watched {
+                            stdin_watched = add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
+                        }
+                    }
+                    TOKEN_STDIN => {
+                        let state = self.feed_serial_from_stdin();
+                        if state != StdinState::Fed {
+                            let _ = epoll.ctl(
+                                ControlOperation::Delete,
+                                libc::STDIN_FILENO,
+                                EpollEvent::default(),
+                            );
+                            stdin_watched = false;
+                            stdin_open = state == StdinState::FifoFull;
+                        }
+                    }
+                    t => {
+                        let i = (t - TOKEN_QUEUE_BASE) as usize;
+                        if let Some(n) = self.devices.notifiers.get(i) {
+                            let _ = n.evt.read();
+                            lock(&n.transport).notify_queue(n.queue);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves what stdin has (up to the FIFO's free space) into the serial device.
+    fn feed_serial_from_stdin(&mut self) -> StdinState {
+        let mut serial = lock(&self.devices.serial);
+        let space = serial.input_space();
+        if space == 0 {
+            return StdinState::FifoFull;
+        }
+        let mut buf = [0u8; 64];
+        let want = space.min(buf.len());
+        // SAFETY: reads at most `want` bytes into a buffer of at least that size that we own.
+        let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), want) };
+        match n {
+            0 => StdinState::Closed,
+            n if n < 0 => {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock => StdinState::Fed,
+                    _ => StdinState::Closed,
+                }
+            }
+            n => {
+                serial.enqueue_input(&buf[..n as usize]);
+                StdinState::Fed
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StdinState {
+    Fed,
+    FifoFull,
+    Closed,
+}
+
+/// Asks every vCPU thread to stop and waits for them, kicking them out of KVM_RUN with a signal.
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for t in threads {
+        while !t.is_finished() && Instant::now() < deadline {
+            // SAFETY: the thread is alive (not finished) and joinable, so its pthread_t is valid; the
+            // signal has a no-op handler installed by install_kick_handler.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            tracing::warn!("a vCPU thread did not stop within 2 s; leaving it to process exit");
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! kiln-vmm on this host's own /dev/kvm (PVM here, hardware elsewhere), with small purpose-built
+//! guests assembled from `tests/guests/*.S`: VM, vCPU and memory setup, both x86_64 entry
+//! protocols, boot structures, PIO/MMIO dispatch to the serial port, boot timer, virtio-mmio and
+//! i8042, unmapped accesses, and a hostile guest. Skips loudly only when /dev/kvm is absent.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use kiln_test_utils::{assemble_elf, require_kvm};
+
+const COMMON: &str = include_str!("guests/common.S");
+
+fn guest(dir: &Path, name: &str, source: &str) -> std::path::PathBuf {
+    let out = dir.join(name);
+    assemble_elf(&format!("{COMMON}\n{source}"), 0x10_0000, &out);
+    out
+}
+
+fn run_vmm(dir: &Path, config: serde_json::Value) -> Output {
+    let cfg = dir.join("vm.json");
+    std::fs::write(&cfg, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_kiln-vmm"))
+        .args(["--no-api", "--no-stdin", "--allow-pvm", "--config-file"])
+        .arg(&cfg)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn describe(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn pvh_entry_boot_structures_and_device_dispatch() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest(dir.path(), "pvh.elf", include_str!("guests/pvh.S"));
+    let o = run_vmm(
+        dir.path(),
+        serde_json::json!({
+            "boot-source": {"kernel_image_path": kernel, "boot_args": "kiln-test"},
+            "machine-config": {"vcpu_count": 2, "mem_size_mib": 64},
+            "entropy": {}
+        }),
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert!(stdout.contains("pvh:MTVFU\n"), "{}", describe(&o));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("Guest-boot-time = "), "boot timer did not log: {}", describe(&o));
+    assert!(stderr.contains("via Pvh"), "{}", describe(&o));
+}
+
+#[test]
+fn linux_64bit_boot_protocol_zero_page_and_cmdline() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest(dir.path(), "lm.elf", include_str!("guests/linux64.S"));
+    let o = run_vmm(
+        dir.path(),
+        serde_json::json!({
+            "boot-source": {"kernel_image_path": kernel, "boot_args": "kiln-test console=ttyS0"},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}
+        }),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("lm:ZC\n"), "{}", describe(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("via Linux64"), "{}", describe(&o));
+}
+
+#[test]
+fn hostile_guest_cannot_take_the_vmm_down() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest(dir.path(), "hostile.elf", include_str!("guests/hostile.S"));
+    // Give it a drive too, so a block device sits behind the second window.
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let o = run_vmm(
+        dir.path(),
+        serde_json::json!({
+            "boot-source": {"kernel_image_path": kernel},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+            "entropy": {},
+            "drives": [{"drive_id": "d", "path_on_host": disk, "is_root_device": false, "is_read_only": false}]
+        }),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("hostile:ok\n"), "{}", describe(&o));
+    assert_eq!(std::fs::read(&disk).unwrap(), vec![0u8; 1 << 20], "the disk must be untouched");
+}
+
+#[test]
+fn memory_sizes_across_the_mmio_gap_boot() {
+    require_kvm!();
+    // 3.5 GiB straddles the MMIO gap at 3 GiB: RAM is split in two KVM slots and the guest still runs.
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest(dir.path(), "lm.elf", include_str!("guests/linux64.S"));
+    let o = run_vmm(
+        dir.path(),
+        serde_json::json!({
+            "boot-source": {"kernel_image_path": kernel, "boot_args": "kiln"},
+            "machine-config": {"vcpu_count": 4, "mem_size_mib": 3584}
+        }),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("lm:ZC\n"), "{}", describe(&o));
+}
