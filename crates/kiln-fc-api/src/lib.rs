@@ -18,6 +18,6 @@ pub mod server;
 
 pub use client::{ApiClient, ClientError};
 pub use http::{Method, StatusCode};
-pub use models::{parse_config_file, ConfigError, FullVmConfiguration};
+pub use models::{load_config_file, parse_config_file, ConfigError, FullVmConfiguration, LoadConfigError};
 pub use routing::{parse_request, ApiHandler, ApiRequest, ApiResponse, RequestError};
 pub use server::{serve_connection, ApiServer, ServerConfig, ServerError, ServerHandle};

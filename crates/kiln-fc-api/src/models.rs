@@ -238,13 +238,26 @@ pub struct CpuConfig {
 ///
 /// Firecracker's config file takes a *path* to a JSON CPU template there, while the swagger's
 /// `GET /vm/config` describes the template inline; both forms are accepted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum CpuConfigSource {
     /// Path to a JSON file holding a [`CpuConfig`] (Firecracker's config-file form).
     Path(PathBuf),
     /// The template itself.
     Inline(CpuConfig),
+}
+
+impl<'de> Deserialize<'de> for CpuConfigSource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(p) => Ok(CpuConfigSource::Path(PathBuf::from(p))),
+            v @ serde_json::Value::Object(_) => {
+                serde_json::from_value(v).map(CpuConfigSource::Inline).map_err(D::Error::custom)
+            }
+            _ => Err(D::Error::custom("expected the path of a CPU template file or a CPU template object")),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1027,6 +1040,22 @@ fn strip_position(err: &serde_json::Error) -> String {
 
 /// Parses a Firecracker `--config-file` document.
 pub fn parse_config_file(text: &str) -> Result<FullVmConfiguration, ConfigError> {
+    // serde would also accept a JSON array for a struct (fields by position); Firecracker's
+    // format is an object.
+    if let Some(c) = text.trim_start().chars().next() {
+        if c != '{' {
+            let consumed = text.len() - text.trim_start().len();
+            let before = &text[..consumed];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            return Err(ConfigError::Data {
+                line,
+                column,
+                path: ".".to_string(),
+                message: format!("expected a JSON object, found `{c}`"),
+            });
+        }
+    }
     let de = &mut serde_json::Deserializer::from_str(text);
     let cfg: FullVmConfiguration = match serde_path_to_error::deserialize(&mut *de) {
         Ok(cfg) => cfg,
@@ -1053,6 +1082,66 @@ pub fn parse_config_file(text: &str) -> Result<FullVmConfiguration, ConfigError>
     }
     if cfg.boot_source.is_none() {
         return Err(ConfigError::MissingBootSource);
+    }
+    Ok(cfg)
+}
+
+/// Why [`load_config_file`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadConfigError {
+    /// The config file could not be read.
+    #[error("cannot read the VM config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file's content is invalid.
+    #[error("cannot load the VM config file {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with line and column.
+        #[source]
+        source: ConfigError,
+    },
+    /// The CPU template named by `cpu-config` could not be read.
+    #[error("cannot read the CPU template {path} named by `cpu-config`; fix the path")]
+    ReadCpuTemplate {
+        /// The template file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The CPU template named by `cpu-config` is invalid.
+    #[error("invalid CPU template {path} named by `cpu-config`")]
+    ParseCpuTemplate {
+        /// The template file.
+        path: PathBuf,
+        /// What is wrong, with line and column.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Reads and parses a `--config-file`, then reads the CPU template a `cpu-config` path names
+/// (relative to the current directory, as Firecracker does) so that the result's `cpu_config`
+/// is always [`CpuConfigSource::Inline`].
+pub fn load_config_file(path: impl AsRef<std::path::Path>) -> Result<FullVmConfiguration, LoadConfigError> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| LoadConfigError::Read { path: path.to_path_buf(), source })?;
+    let mut cfg = parse_config_file(&text)
+        .map_err(|source| LoadConfigError::Parse { path: path.to_path_buf(), source })?;
+    if let Some(CpuConfigSource::Path(tpath)) = &cfg.cpu_config {
+        let ttext = std::fs::read_to_string(tpath)
+            .map_err(|source| LoadConfigError::ReadCpuTemplate { path: tpath.clone(), source })?;
+        let tmpl: CpuConfig = serde_json::from_str(&ttext)
+            .map_err(|source| LoadConfigError::ParseCpuTemplate { path: tpath.clone(), source })?;
+        cfg.cpu_config = Some(CpuConfigSource::Inline(tmpl));
     }
     Ok(cfg)
 }
@@ -1477,6 +1566,55 @@ mod tests {
         let err = parse_config_file(r#"{"boot-source": {"kernel_image_path": "k"}} trailing"#).unwrap_err();
         assert!(matches!(err, ConfigError::Syntax { .. }), "{err:?}");
         assert!(parse_config_file("").is_err());
+    }
+
+    #[test]
+    fn top_level_must_be_an_object() {
+        let err = parse_config_file("\n  []").unwrap_err();
+        assert!(matches!(err, ConfigError::Data { line: 2, column: 3, .. }), "{err:?}");
+        assert!(err.to_string().contains("expected a JSON object"), "{err}");
+    }
+
+    #[test]
+    fn cpu_config_errors_are_specific() {
+        let err =
+            parse_config_file(r#"{"boot-source": {"kernel_image_path": "k"}, "cpu-config": 5}"#).unwrap_err();
+        assert!(err.to_string().contains("path of a CPU template"), "{err}");
+        let err = parse_config_file(
+            r#"{"boot-source": {"kernel_image_path": "k"}, "cpu-config": {"kvm_caps": []}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `kvm_caps`"), "{err}");
+    }
+
+    #[test]
+    fn load_config_file_resolves_the_cpu_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmpl = dir.path().join("t.json");
+        std::fs::write(&tmpl, r#"{"kvm_capabilities": ["!56"]}"#).unwrap();
+        let cfg_path = dir.path().join("vm.json");
+        let text = format!(
+            r#"{{"boot-source": {{"kernel_image_path": "k"}}, "cpu-config": {:?}}}"#,
+            tmpl.to_str().unwrap()
+        );
+        std::fs::write(&cfg_path, text).unwrap();
+        let cfg = load_config_file(&cfg_path).unwrap();
+        match cfg.cpu_config {
+            Some(CpuConfigSource::Inline(c)) => assert_eq!(c.kvm_capabilities, ["!56"]),
+            other => panic!("{other:?}"),
+        }
+        std::fs::write(&tmpl, "{").unwrap();
+        assert!(matches!(load_config_file(&cfg_path), Err(LoadConfigError::ParseCpuTemplate { .. })));
+        std::fs::remove_file(&tmpl).unwrap();
+        assert!(matches!(load_config_file(&cfg_path), Err(LoadConfigError::ReadCpuTemplate { .. })));
+        assert!(matches!(
+            load_config_file(dir.path().join("missing.json")),
+            Err(LoadConfigError::Read { .. })
+        ));
+        std::fs::write(&cfg_path, "{}").unwrap();
+        let err = load_config_file(&cfg_path).unwrap_err();
+        assert!(matches!(err, LoadConfigError::Parse { .. }));
+        assert!(err.to_string().contains("vm.json"), "{err}");
     }
 
     #[test]
