@@ -176,8 +176,14 @@ fn run(start: StartTime) -> Result<i32, Failure> {
                 clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
                 _ => exit_code::ARG_PARSING,
             };
-            let _ = e.print();
-            return Ok(code);
+            if code == 0 {
+                let _ = e.print();
+                return Ok(code);
+            }
+            // One line: clap's first line ("error: ...") without the usage block.
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            return Err(fail(code, format!("{first} (see --help)")));
         }
     };
     let config_path = match (&args.config_file, &args.api_sock, args.no_api) {
@@ -206,7 +212,7 @@ fn run(start: StartTime) -> Result<i32, Failure> {
         res.serial = SerialOutput::File(p.clone());
     }
     init_logging(&args, res.logger.as_ref())?;
-    tracing::info!("kiln-vmm {} starting instance {}", env!("CARGO_PKG_VERSION"), args.id);
+    tracing::debug!("kiln-vmm {} starting instance {}", env!("CARGO_PKG_VERSION"), args.id);
 
     let backends = builder::open_backends(&res).map_err(|e| fail(start_error_code(&e), chain(&e)))?;
 

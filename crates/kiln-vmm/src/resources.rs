@@ -12,7 +12,7 @@ use crate::arch::layout::MAX_VIRTIO_DEVICES;
 
 /// Firecracker's default kernel command line, used when `boot_args` is not given.
 pub const DEFAULT_BOOT_ARGS: &str =
-    "reboot=k panic=1 pci=off nomodule 8250.nr_uarts=0 i8042.noaux i8042.nomux i8042.dumbkbd swiotlb=noforce";
+    "reboot=k panic=1 pci=off nomodule 8250.nr_uarts=0 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd swiotlb=noforce";
 pub const MAX_VCPUS: u8 = 32;
 pub const DEFAULT_VCPUS: u8 = 1;
 pub const DEFAULT_MEM_MIB: u64 = 128;

@@ -59,6 +59,10 @@ pub const COM_PORT_SIZE: u64 = 8;
 pub const I8042_PORT: u64 = 0x60;
 pub const I8042_PORT_SIZE: u64 = 5;
 
+// The boot stack sits between the zero page and the page tables; the MP table below 1 MiB.
+const _: () = assert!(BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000 && BOOT_STACK_POINTER < PML4_START);
+const _: () = assert!(MPTABLE_START + 0x400 <= HIMEM_START);
+
 /// Guest RAM ranges `(start, len)` for `mem_bytes` of memory, split around the MMIO gap.
 pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
     if mem_bytes <= MMIO_GAP_START {
@@ -104,7 +108,5 @@ mod tests {
         for w in areas.windows(2) {
             assert!(w[0].0 + w[0].1 <= w[1].0, "{:x?} overlaps {:x?}", w[0], w[1]);
         }
-        assert!(BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000 && BOOT_STACK_POINTER < PML4_START);
-        assert!(MPTABLE_START + 0x400 <= HIMEM_START);
     }
 }
