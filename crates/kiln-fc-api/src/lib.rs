@@ -9,6 +9,28 @@
 //! Must not: know about KVM, guest memory or devices. A request is parsed into a typed
 //! [`ApiRequest`] and handed to whoever implements [`ApiHandler`] (the VMM); what it means for a
 //! VM is the VMM's business. No async runtime: plain threads and blocking sockets.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use kiln_fc_api::{ApiClient, ApiRequest, ApiResponse, ApiServer};
+//! use kiln_fc_api::models::FirecrackerVersion;
+//!
+//! // The VMM side: answer each typed request.
+//! let handler = Arc::new(|req: ApiRequest| match req {
+//!     ApiRequest::GetVersion => ApiResponse::ok(&FirecrackerVersion {
+//!         firecracker_version: "1.16.1".into(),
+//!     }),
+//!     ApiRequest::PutBootSource(_) => ApiResponse::no_content(),
+//!     _ => ApiResponse::bad_request("not supported yet"),
+//! });
+//! let server = ApiServer::bind("/tmp/vm.sock")?.spawn(handler)?;
+//!
+//! // The CLI side: a typed client over the same socket.
+//! let mut client = ApiClient::new("/tmp/vm.sock");
+//! println!("{}", client.get_version()?.firecracker_version);
+//! server.shutdown();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod client;
 pub mod http;

@@ -98,12 +98,15 @@ impl ApiServer {
     }
 
     /// Serves until the process ends, on the calling thread.
-    pub fn run<H: ApiHandler + 'static>(self, handler: Arc<H>) -> Result<(), ServerError> {
+    pub fn run<H: ApiHandler + ?Sized + 'static>(self, handler: Arc<H>) -> Result<(), ServerError> {
         self.accept_loop(handler, Arc::new(AtomicBool::new(false)))
     }
 
     /// Serves on a background thread; the handle stops it.
-    pub fn spawn<H: ApiHandler + 'static>(self, handler: Arc<H>) -> Result<ServerHandle, ServerError> {
+    pub fn spawn<H: ApiHandler + ?Sized + 'static>(
+        self,
+        handler: Arc<H>,
+    ) -> Result<ServerHandle, ServerError> {
         let stop = Arc::new(AtomicBool::new(false));
         let path = self.path.clone();
         let stop2 = stop.clone();
@@ -118,7 +121,7 @@ impl ApiServer {
         Ok(ServerHandle { stop, path, thread: Some(thread) })
     }
 
-    fn accept_loop<H: ApiHandler + 'static>(
+    fn accept_loop<H: ApiHandler + ?Sized + 'static>(
         self,
         handler: Arc<H>,
         stop: Arc<AtomicBool>,
@@ -205,7 +208,11 @@ impl ServerHandle {
 
 /// Serves one connection until the client closes it or breaks the protocol. Never panics on
 /// client input; a panicking handler is answered with a 500.
-pub fn serve_connection<S: Read + Write>(mut stream: S, handler: &dyn ApiHandler, config: &ServerConfig) {
+pub fn serve_connection<S: Read + Write, H: ApiHandler + ?Sized>(
+    mut stream: S,
+    handler: &H,
+    config: &ServerConfig,
+) {
     let mut reader = RequestReader::new(config.max_payload_size);
     loop {
         let request = match reader.read_request(&mut stream) {

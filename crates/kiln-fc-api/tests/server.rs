@@ -533,3 +533,102 @@ fn random_bytes_never_take_the_server_down() {
     }
     srv.assert_alive();
 }
+
+/// A real HTTP client (curl), when installed, gets the same answers.
+#[test]
+fn curl_talks_to_the_server() {
+    let Ok(out) = std::process::Command::new("curl").arg("--version").output() else {
+        eprintln!("SKIPPED: curl is not installed");
+        return;
+    };
+    assert!(out.status.success());
+    let srv = Server::start();
+    let sock = srv.path.to_str().unwrap().to_string();
+    let curl = |args: &[&str]| -> String {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-i", "--max-time", "10", "--unix-socket", &sock])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let r = curl(&["http://localhost/version"]);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains(r#"{"firecracker_version":"1.16.1"}"#), "{r}");
+    let r = curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        r#"{"kernel_image_path":"/k","boot_args":"console=ttyS0"}"#,
+        "http://localhost/boot-source",
+    ]);
+    assert!(r.starts_with("HTTP/1.1 204"), "{r}");
+    // A body big enough for curl to use `Expect: 100-continue` on older versions.
+    let big = format!(r#"{{"k":"{}"}}"#, "v".repeat(40_000));
+    let r = curl(&["-X", "PUT", "-d", &big, "http://localhost/mmds"]);
+    assert!(r.contains("HTTP/1.1 204"), "{r}");
+    let too_big = format!(r#"{{"k":"{}"}}"#, "v".repeat(60_000));
+    let r = curl(&["-X", "PUT", "-d", &too_big, "http://localhost/mmds"]);
+    assert!(r.contains("HTTP/1.1 400"), "{r}");
+    assert!(r.contains("larger than the limit of 51200"), "{r}");
+    let r = curl(&["-X", "DELETE", "http://localhost/drives/rootfs"]);
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert!(r.contains("Invalid request method and/or path: DELETE /drives/rootfs."), "{r}");
+    srv.assert_alive();
+}
+
+#[test]
+fn connections_over_the_limit_are_closed_and_the_server_recovers() {
+    let srv = Server::start_with(ServerConfig { max_connections: 2, ..Default::default() });
+    let mut a = srv.raw();
+    let mut b = srv.raw();
+    // Make sure both are being served before opening a third.
+    for s in [&mut a, &mut b] {
+        s.write_all(b"GET /version HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(read_response(s, 1024).unwrap().status, 200);
+    }
+    let mut c = srv.raw();
+    let _ = c.write_all(b"GET /version HTTP/1.1\r\n\r\n");
+    let mut sink = Vec::new();
+    let _ = c.read_to_end(&mut sink);
+    assert!(sink.is_empty(), "{}", String::from_utf8_lossy(&sink));
+    drop(a);
+    drop(b);
+    // The connection threads notice the close and free their slots.
+    let mut ok = false;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(20));
+        let mut s = srv.raw();
+        if s.write_all(b"GET /version HTTP/1.1\r\n\r\n").is_ok() {
+            if let Ok(r) = read_response(&mut s, 1024) {
+                ok = r.status == 200;
+                if ok {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(ok, "the server did not recover its connection slots");
+}
+
+#[test]
+fn a_trait_object_handler_and_serve_connection_on_a_socketpair() {
+    let handler: Arc<dyn ApiHandler> = Arc::new(Fake::default());
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    let h = handler.clone();
+    let t = std::thread::spawn(move || {
+        kiln_fc_api::serve_connection(theirs, h.as_ref(), &ServerConfig::default())
+    });
+    ours.write_all(b"GET /version HTTP/1.1\r\n\r\n").unwrap();
+    assert_eq!(read_response(&mut ours, 1024).unwrap().status, 200);
+    drop(ours);
+    t.join().unwrap();
+    // And the same handler type behind a socket.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let server = ApiServer::bind(&path).unwrap().spawn(handler).unwrap();
+    ApiClient::new(&path).get_version().unwrap();
+    server.shutdown();
+}
