@@ -914,11 +914,11 @@ impl SnapshotLoadParams {
             }
             (None, Some(b)) => Ok(b.clone()),
             (Some(_), Some(_)) => {
-                Err("too many fields: either `mem_backend` or `mem_file_path` exclusively is required."
+                Err("too many fields: either `mem_backend` or `mem_file_path` exclusively is required"
                     .to_string())
             }
             (None, None) => {
-                Err("missing field: either `mem_backend` or `mem_file_path` is required.".to_string())
+                Err("missing field: either `mem_backend` or `mem_file_path` is required".to_string())
             }
         }
     }

@@ -320,7 +320,7 @@ pub fn parse_request(method: &Method, path: &str, body: Option<&[u8]>) -> Result
                 ("snapshot", ["create"]) => R::CreateSnapshot(json(body)?),
                 ("snapshot", _) => {
                     let p: SnapshotLoadParams = json(body)?;
-                    p.validate().map_err(RequestError::Invalid)?;
+                    p.validate().map_err(RequestError::Json)?;
                     R::LoadSnapshot(p)
                 }
                 ("hotplug", _) => R::PutMemoryHotplug(json(body)?),
@@ -378,7 +378,14 @@ pub fn parse_request(method: &Method, path: &str, body: Option<&[u8]>) -> Result
                     same_id(id, &n.iface_id)?;
                     R::PatchNetworkInterface(n)
                 }
-                ("machine-config", _) => R::PatchMachineConfig(json(body)?),
+                ("machine-config", _) => {
+                    let u: MachineConfigurationUpdate = json(body)?;
+                    // Firecracker refuses a PATCH that changes nothing.
+                    if u == MachineConfigurationUpdate::default() {
+                        return Err(RequestError::EmptyPatch);
+                    }
+                    R::PatchMachineConfig(u)
+                }
                 ("vm", _) => R::PatchVm(json(body)?),
                 ("balloon", []) => R::PatchBalloon(json(body)?),
                 ("balloon", _) => R::PatchBalloonStats(json(body)?),
@@ -632,6 +639,7 @@ mod tests {
         assert_eq!(parse_request(&Method::Put, "/boot-source", None).unwrap_err(), RequestError::EmptyPut);
         assert_eq!(parse_request(&Method::Patch, "/vm", None).unwrap_err(), RequestError::EmptyPatch);
         assert_eq!(parse_request(&Method::Put, "/mmds", None).unwrap_err().to_string(), "Empty PUT request.");
+        assert_eq!(patch("/machine-config", "{}").unwrap_err(), RequestError::EmptyPatch);
     }
 
     #[test]
@@ -688,13 +696,17 @@ mod tests {
         }
         // Snapshot memory source must be exactly one of the two.
         let e = put("/snapshot/load", r#"{"snapshot_path":"/s"}"#).unwrap_err();
-        assert!(matches!(e, RequestError::Invalid(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "An error occurred when deserializing the json body of a request: missing field: \
+             either `mem_backend` or `mem_file_path` is required."
+        );
         let e = put(
             "/snapshot/load",
             r#"{"snapshot_path":"/s","mem_file_path":"/m","mem_backend":{"backend_type":"File","backend_path":"/m"}}"#,
         )
         .unwrap_err();
-        assert!(matches!(e, RequestError::Invalid(_)), "{e:?}");
+        assert!(e.to_string().contains("too many fields"), "{e:?}");
     }
 
     #[test]
