@@ -371,8 +371,8 @@ pub struct NetworkInterface {
     pub iface_id: String,
     /// Host TAP device name.
     pub host_dev_name: String,
-    /// Guest MAC address, `xx:xx:xx:xx:xx:xx`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Guest MAC address, `xx:xx:xx:xx:xx:xx` (hex digits; checked when parsed).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "de_mac")]
     pub guest_mac: Option<String>,
     /// MTU advertised to the guest (68..=65535).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -383,6 +383,22 @@ pub struct NetworkInterface {
     /// Transmit rate limiter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// Whether `s` is a MAC address written `xx:xx:xx:xx:xx:xx` (hex digits, either case).
+pub fn is_valid_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+fn de_mac<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let mac = Option::<String>::deserialize(d)?;
+    match mac {
+        Some(m) if !is_valid_mac(&m) => {
+            Err(serde::de::Error::custom(format!("invalid MAC address `{m}`, expected xx:xx:xx:xx:xx:xx")))
+        }
+        other => Ok(other),
+    }
 }
 
 /// `PATCH /network-interfaces/{iface_id}`.
@@ -1566,6 +1582,22 @@ mod tests {
         let err = parse_config_file(r#"{"boot-source": {"kernel_image_path": "k"}} trailing"#).unwrap_err();
         assert!(matches!(err, ConfigError::Syntax { .. }), "{err:?}");
         assert!(parse_config_file("").is_err());
+    }
+
+    #[test]
+    fn guest_mac_is_checked() {
+        let ok: NetworkInterface =
+            serde_json::from_str(r#"{"iface_id":"e","host_dev_name":"t","guest_mac":"06:00:aC:10:00:02"}"#)
+                .unwrap();
+        assert_eq!(ok.guest_mac.as_deref(), Some("06:00:aC:10:00:02"));
+        for bad in ["06:00:AC:10:00", "06:00:AC:10:00:0g", "0600AC100002", "06:00:AC:10:00:002", ""] {
+            let text = format!(r#"{{"iface_id":"e","host_dev_name":"t","guest_mac":"{bad}"}}"#);
+            let err = serde_json::from_str::<NetworkInterface>(&text).unwrap_err();
+            assert!(err.to_string().contains("invalid MAC address"), "{bad}: {err}");
+        }
+        let none: NetworkInterface =
+            serde_json::from_str(r#"{"iface_id":"e","host_dev_name":"t","guest_mac":null}"#).unwrap();
+        assert_eq!(none.guest_mac, None);
     }
 
     #[test]
