@@ -16,7 +16,7 @@ use crate::modules::ModuleTree;
 use crate::LabError;
 
 /// Bumped when the layout of the base changes in a way the other inputs do not capture.
-const FORMAT: &str = "kiln-lab-base-v1";
+const FORMAT: &str = "kiln-lab-base-v2";
 
 /// The modules every lab loads: nested SVM, and virtio-pci + virtio-blk for `.disk()`; tun so a VMM
 /// in the lab can use tap devices.
@@ -47,13 +47,20 @@ pub struct BaseMeta {
     pub modules: Vec<String>,
     /// Seconds it took to build this base.
     pub build_secs: f64,
+    /// The lab boots the uncompressed ELF `vmlinux` through its PVH entry (skipping the bzImage's
+    /// XZ decompression, which costs seconds under TCG); false when it could not be extracted and
+    /// the lab boots `vmlinuz`.
+    pub pvh_vmlinux: bool,
 }
 
 /// A ready base: kernel image and base cpio.
 #[derive(Debug, Clone)]
 pub struct Base {
     pub dir: PathBuf,
+    /// What the lab boots: `vmlinux` (PVH) or `vmlinuz`.
     pub kernel: PathBuf,
+    /// Debian's compressed kernel as shipped.
+    pub bzimage: PathBuf,
     pub cpio: PathBuf,
     pub meta: BaseMeta,
     /// Set when this call built the base (not taken from the cache).
@@ -113,7 +120,7 @@ fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
 
 /// Resolves `linux-image-amd64` to the versioned kernel package with apt-cache, or takes a local
 /// `.deb` from `KILN_LAB_KERNEL_DEB`.
-fn resolve_package() -> Result<(KernelPackage, Option<PathBuf>), LabError> {
+fn resolve_package(cache: &Path) -> Result<(KernelPackage, Option<PathBuf>), LabError> {
     if let Some(deb) = std::env::var_os("KILN_LAB_KERNEL_DEB") {
         let deb = PathBuf::from(deb);
         let out = host::run(Command::new("dpkg-deb").arg("-f").arg(&deb).args(["Package", "Version"]))?;
@@ -125,24 +132,88 @@ fn resolve_package() -> Result<(KernelPackage, Option<PathBuf>), LabError> {
         }
         return Ok((KernelPackage { name, version }, Some(deb)));
     }
+    // apt-cache takes about a second per call here; remember the answer for as long as the apt
+    // lists are unchanged.
+    let fingerprint = apt_lists_fingerprint();
+    let memo = cache.join("kernel-package.json");
+    if let Some(fp) = &fingerprint {
+        if let Ok(text) = std::fs::read_to_string(&memo) {
+            if let Ok(m) = serde_json::from_str::<PackageMemo>(&text) {
+                if &m.fingerprint == fp {
+                    return Ok((m.package, None));
+                }
+            }
+        }
+    }
+    let package = query_apt()?;
+    if let Some(fingerprint) = fingerprint {
+        let memo_tmp = cache.join(format!(".kernel-package.json.{}", std::process::id()));
+        let json = serde_json::to_string(&PackageMemo { fingerprint, package: package.clone() });
+        if let Ok(json) = json {
+            if std::fs::write(&memo_tmp, json).is_ok() {
+                let _ = std::fs::rename(&memo_tmp, &memo);
+            }
+        }
+    }
+    Ok((package, None))
+}
+
+#[derive(Serialize, Deserialize)]
+struct PackageMemo {
+    fingerprint: String,
+    package: KernelPackage,
+}
+
+/// Names, sizes and mtimes of apt's package lists: changes whenever `apt-get update` changes them.
+fn apt_lists_fingerprint() -> Option<String> {
+    let mut entries: Vec<String> = std::fs::read_dir("/var/lib/apt/lists")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            let mtime = m.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
+            Some(format!("{}:{}:{}", e.file_name().to_string_lossy(), m.len(), mtime.as_nanos()))
+        })
+        .collect();
+    if entries.is_empty() {
+        return None;
+    }
+    entries.sort();
+    Some(sha_hex(&[entries.join("\n").as_bytes()]))
+}
+
+/// `linux-image-amd64` → the versioned kernel package it depends on.
+fn query_apt() -> Result<KernelPackage, LabError> {
     let apt_cache = host::require("apt-cache", "apt")?;
-    let out = host::run(Command::new(&apt_cache).args(["depends", "linux-image-amd64"]))?;
+    let no_lists =
+        || LabError::KernelPackage("apt-cache knows no linux-image-amd64; run `apt-get update`".into());
+    let out = host::run(Command::new(&apt_cache).args(["show", "--no-all-versions", "linux-image-amd64"]))
+        .map_err(|_| no_lists())?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let name = text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends:"))
+    let dep = field(&text, "Depends:")
+        .into_iter()
+        .flat_map(|d| d.split(','))
         .map(str::trim)
-        .find(|d| d.starts_with("linux-image-") && d.ends_with("-amd64"))
-        .ok_or_else(|| {
-            LabError::KernelPackage("apt-cache knows no linux-image-amd64; run `apt-get update`".into())
-        })?
-        .to_string();
-    let out = host::run(Command::new(&apt_cache).args(["show", "--no-all-versions", &name]))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let version = field(&text, "Version:")
-        .ok_or_else(|| LabError::KernelPackage(format!("apt-cache show {name}: no Version")))?
-        .to_string();
-    Ok((KernelPackage { name, version }, None))
+        .find(|d| d.starts_with("linux-image-") && d.contains("-amd64"))
+        .ok_or_else(no_lists)?;
+    // "linux-image-6.1.0-56-amd64 (= 6.1.192-2)"
+    let (name, pinned) = match dep.split_once('(') {
+        Some((n, v)) => {
+            (n.trim().to_string(), v.trim_end_matches(')').trim().strip_prefix("= ").map(str::trim))
+        }
+        None => (dep.to_string(), None),
+    };
+    let version = match pinned {
+        Some(v) => v.to_string(),
+        None => {
+            let out = host::run(Command::new(&apt_cache).args(["show", "--no-all-versions", &name]))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            field(&text, "Version:")
+                .ok_or_else(|| LabError::KernelPackage(format!("apt-cache show {name}: no Version")))?
+                .to_string()
+        }
+    };
+    Ok(KernelPackage { name, version })
 }
 
 /// Everything that determines the base besides the kernel package.
@@ -194,16 +265,24 @@ fn read_meta(dir: &Path) -> Option<BaseMeta> {
 
 fn base_at(dir: PathBuf, built_in: Option<Duration>) -> Option<Base> {
     let meta = read_meta(&dir)?;
-    let kernel = dir.join("vmlinuz");
+    let bzimage = dir.join("vmlinuz");
+    let kernel = if meta.pvh_vmlinux { dir.join("vmlinux") } else { bzimage.clone() };
     let cpio = dir.join("base.cpio");
-    (kernel.is_file() && cpio.is_file()).then_some(Base { dir, kernel, cpio, meta, built_in })
+    (kernel.is_file() && bzimage.is_file() && cpio.is_file()).then_some(Base {
+        dir,
+        kernel,
+        bzimage,
+        cpio,
+        meta,
+        built_in,
+    })
 }
 
 /// Returns the cached base for the current kernel package, building it if needed.
 pub(crate) fn prepare(extra_modules: &[String]) -> Result<Base, LabError> {
     let cache = host::lab_cache_dir()?;
     let recipe = recipe(extra_modules)?;
-    let (package, local_deb) = match resolve_package() {
+    let (package, local_deb) = match resolve_package(&cache) {
         Ok(p) => p,
         Err(e) => {
             // Offline or no apt lists: the newest cached base built from the same recipe will do.
@@ -293,6 +372,7 @@ fn build(
     let vmlinuz = root.join(format!("boot/vmlinuz-{release}"));
     let kernel = out.join("vmlinuz");
     std::fs::copy(&vmlinuz, &kernel).map_err(|e| LabError::io(&vmlinuz, e))?;
+    let pvh_vmlinux = extract_vmlinux(&kernel, &out.join("vmlinux"))?;
     let moddir = [root.join("lib/modules").join(&release), root.join("usr/lib/modules").join(&release)]
         .into_iter()
         .find(|p| p.is_dir())
@@ -344,7 +424,45 @@ fn build(
         recipe: recipe.hash.clone(),
         modules: order.into_iter().map(|(n, _)| n).collect(),
         build_secs: 0.0,
+        pvh_vmlinux,
     })
+}
+
+/// Decompresses the ELF vmlinux out of a bzImage; keeps it only if it has a PVH entry note.
+fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<bool, LabError> {
+    let data = std::fs::read(bzimage).map_err(|e| LabError::io(bzimage, e))?;
+    let candidates: [(&[u8], &str, &[&str]); 3] = [
+        (b"\xfd7zXZ\x00", "xz", &["-dc", "--single-stream"]),
+        (b"\x28\xb5\x2f\xfd", "zstd", &["-dcq"]),
+        (b"\x1f\x8b\x08\x00", "gzip", &["-dcq"]),
+    ];
+    for (magic, tool, args) in candidates {
+        let Some(pos) = data.windows(magic.len()).position(|w| w == magic) else { continue };
+        let Some(tool) = host::which(tool) else { continue };
+        let file = std::fs::File::create(out).map_err(|e| LabError::io(out, e))?;
+        let mut child = match Command::new(tool)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(file)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(_) => continue,
+        };
+        if let Some(mut stdin) = child.stdin.take() {
+            // Trailing data after the stream makes some decompressors stop early with an error,
+            // which is fine: the ELF check below decides.
+            let _ = stdin.write_all(&data[pos..]);
+        }
+        let _ = child.wait();
+        let elf = std::fs::read(out).map_err(|e| LabError::io(out, e))?;
+        if crate::modules::has_pvh_note(&elf) {
+            return Ok(true);
+        }
+    }
+    let _ = std::fs::remove_file(out);
+    Ok(false)
 }
 
 /// Adds a host file (following symlinks) to an archive.

@@ -219,10 +219,16 @@ impl Lab {
         self.base.built_in
     }
 
-    /// The lab's kernel (Debian's stock `vmlinuz`); also a handy guest kernel for a VMM inside the
-    /// lab (it has virtio-mmio, 8250 and ACPI support, though no PVH note).
+    /// Debian's stock kernel as shipped (bzImage); also a handy guest kernel for a VMM inside the
+    /// lab (it has 8250, ACPI and virtio-mmio support built in or as modules).
     pub fn kernel_path(&self) -> &Path {
-        &self.base.kernel
+        &self.base.bzimage
+    }
+
+    /// The same kernel as an uncompressed ELF with a PVH entry note, when it could be extracted;
+    /// the lab boots this one (no decompression under TCG).
+    pub fn vmlinux_path(&self) -> Option<&Path> {
+        self.base.meta.pvh_vmlinux.then_some(self.base.kernel.as_path())
     }
 
     /// The directory holding the cached kernel and base cpio.

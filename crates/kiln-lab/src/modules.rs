@@ -54,6 +54,41 @@ pub(crate) fn modinfo_section(elf: &[u8]) -> Option<&[u8]> {
     None
 }
 
+/// Whether an ELF64 image has a Xen `PHYS32_ENTRY` note (type 0x12): the PVH boot entry.
+pub(crate) fn has_pvh_note(elf: &[u8]) -> bool {
+    pvh_note(elf).unwrap_or(false)
+}
+
+fn pvh_note(elf: &[u8]) -> Option<bool> {
+    if elf.get(0..4)? != b"\x7fELF" || *elf.get(4)? != 2 || *elf.get(5)? != 1 {
+        return None;
+    }
+    let phoff = usize::try_from(u64_at(elf, 0x20)?).ok()?;
+    let phentsize = usize::from(u16_at(elf, 0x36)?);
+    let phnum = usize::from(u16_at(elf, 0x38)?);
+    for i in 0..phnum {
+        let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
+        if u32_at(elf, ph)? != 4 {
+            continue; // not PT_NOTE
+        }
+        let off = usize::try_from(u64_at(elf, ph + 8)?).ok()?;
+        let size = usize::try_from(u64_at(elf, ph + 32)?).ok()?;
+        let notes = elf.get(off..off.checked_add(size)?)?;
+        let mut p = 0usize;
+        while p + 12 <= notes.len() {
+            let namesz = u32_at(notes, p)? as usize;
+            let descsz = u32_at(notes, p + 4)? as usize;
+            let ntype = u32_at(notes, p + 8)?;
+            let name = notes.get(p + 12..p + 12 + namesz)?;
+            if name.starts_with(b"Xen") && ntype == 0x12 {
+                return Some(true);
+            }
+            p += 12 + namesz.div_ceil(4) * 4 + descsz.div_ceil(4) * 4;
+        }
+    }
+    Some(false)
+}
+
 /// The module names in the `depends=` entry of a `.modinfo` section.
 pub(crate) fn depends(modinfo: &[u8]) -> Vec<String> {
     modinfo
