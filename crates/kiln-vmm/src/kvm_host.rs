@@ -58,6 +58,8 @@ pub struct KvmHost {
     pub max_vcpus: usize,
     /// Guest physical address width in bits (CPUID 0x8000_0008), when reported.
     pub phys_addr_bits: Option<u8>,
+    /// Features offered through capabilities rather than the supported CPUID.
+    pub cap_features: crate::arch::cpuid::CapabilityFeatures,
 }
 
 impl std::fmt::Debug for KvmHost {
@@ -106,6 +108,9 @@ impl KvmHost {
             .find(|e| e.function == 0x8000_0008)
             .map(|e| (e.eax & 0xff) as u8)
             .filter(|b| *b >= 32);
-        Ok(Self { kvm, supported_cpuid, msr_index_list, max_vcpus, phys_addr_bits })
+        let cap_features = crate::arch::cpuid::CapabilityFeatures {
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+        };
+        Ok(Self { kvm, supported_cpuid, msr_index_list, max_vcpus, phys_addr_bits, cap_features })
     }
 }

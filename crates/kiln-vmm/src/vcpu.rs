@@ -58,7 +58,7 @@ pub fn configure(
     let io = |ioctl| move |source| VcpuError::Ioctl { id, ioctl, source };
 
     let mut entries = host.supported_cpuid.as_slice().to_vec();
-    cpuid::fixup(&mut entries, id, topo);
+    cpuid::fixup(&mut entries, id, topo, host.cap_features);
     let cpuid = CpuId::from_entries(&entries).map_err(|_| VcpuError::MsrList { id })?;
     vcpu.set_cpuid2(&cpuid).map_err(io("KVM_SET_CPUID2"))?;
 

@@ -7,6 +7,9 @@ use kvm_bindings::kvm_cpuid_entry2;
 
 /// CPUID leaf 1 ECX bit 31: running under a hypervisor.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID leaf 1 ECX bit 24: TSC-deadline LAPIC timer. KVM never reports it in
+/// KVM_GET_SUPPORTED_CPUID; it is offered through KVM_CAP_TSC_DEADLINE_TIMER instead.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// CPUID leaf 1 EDX bit 28: the logical-processor count in EBX[23:16] is valid.
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// CPUID 0x8000_0001 ECX bit 1 (AMD CmpLegacy) and bit 22 (TOPOEXT).
@@ -53,8 +56,15 @@ pub struct Topology {
     pub threads_per_core: u8,
 }
 
+/// CPU features KVM offers through capabilities rather than in the supported CPUID.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CapabilityFeatures {
+    /// KVM_CAP_TSC_DEADLINE_TIMER: the in-kernel LAPIC emulates TSC-deadline mode.
+    pub tsc_deadline: bool,
+}
+
 /// Rewrites `entries` (a copy of the supported CPUID) for vCPU `cpu_id`.
-pub fn fixup(entries: &mut [kvm_cpuid_entry2], cpu_id: u8, topo: Topology) {
+pub fn fixup(entries: &mut [kvm_cpuid_entry2], cpu_id: u8, topo: Topology, caps: CapabilityFeatures) {
     let vendor = vendor(entries);
     let n = u32::from(topo.vcpus.max(1));
     let tpc = u32::from(topo.threads_per_core.clamp(1, 2));
@@ -68,6 +78,9 @@ pub fn fixup(entries: &mut [kvm_cpuid_entry2], cpu_id: u8, topo: Topology) {
             0x1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | ((n.min(255)) << 16);
                 e.ecx |= LEAF1_ECX_HYPERVISOR;
+                if caps.tsc_deadline {
+                    e.ecx |= LEAF1_ECX_TSC_DEADLINE;
+                }
                 if n > 1 {
                     e.edx |= LEAF1_EDX_HTT;
                 } else {
@@ -171,7 +184,7 @@ mod tests {
             leaf(0x8000_0001, 0, 0, 0, EXT1_ECX_TOPOEXT, 0),
             leaf(0x8000_0008, 0, 0x3030, 0, 0xff, 0),
         ];
-        fixup(&mut e, 1, Topology { vcpus: 3, threads_per_core: 1 });
+        fixup(&mut e, 1, Topology { vcpus: 3, threads_per_core: 1 }, CapabilityFeatures::default());
         assert_eq!(e[2].ecx & EXT1_ECX_TOPOEXT, 0);
         assert!(e[2].ecx & EXT1_ECX_CMP_LEGACY != 0);
         assert_eq!(e[3].ecx & 0xff, 2);
@@ -180,9 +193,21 @@ mod tests {
     }
 
     #[test]
+    fn tsc_deadline_follows_the_capability() {
+        let base = vec![vendor_leaf(b"AuthenticAMD"), leaf(1, 0, 0, 0, 0, 0)];
+        let topo = Topology { vcpus: 1, threads_per_core: 1 };
+        let mut e = base.clone();
+        fixup(&mut e, 0, topo, CapabilityFeatures { tsc_deadline: true });
+        assert!(e[1].ecx & LEAF1_ECX_TSC_DEADLINE != 0);
+        let mut e = base;
+        fixup(&mut e, 0, topo, CapabilityFeatures::default());
+        assert_eq!(e[1].ecx & LEAF1_ECX_TSC_DEADLINE, 0);
+    }
+
+    #[test]
     fn single_vcpu_has_no_htt() {
         let mut e = vec![vendor_leaf(b"GenuineIntel"), leaf(1, 0, 0, 0, 0, LEAF1_EDX_HTT)];
-        fixup(&mut e, 0, Topology { vcpus: 1, threads_per_core: 1 });
+        fixup(&mut e, 0, Topology { vcpus: 1, threads_per_core: 1 }, CapabilityFeatures::default());
         assert_eq!(e[1].edx & LEAF1_EDX_HTT, 0);
     }
 }
