@@ -28,6 +28,14 @@ fn run_vmm(dir: &Path, config: serde_json::Value) -> Output {
         .unwrap()
 }
 
+/// Runs the VMM and asserts the guest ended it cleanly (exit 0) after printing `marker`.
+fn run_expecting(dir: &Path, config: serde_json::Value, marker: &str) -> Output {
+    let o = run_vmm(dir, config);
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(marker), "no {marker:?}: {}", describe(&o));
+    o
+}
+
 fn describe(o: &Output) -> String {
     format!(
         "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
@@ -42,17 +50,15 @@ fn pvh_entry_boot_structures_and_device_dispatch() {
     require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let kernel = guest(dir.path(), "pvh.elf", include_str!("guests/pvh.S"));
-    let o = run_vmm(
+    let o = run_expecting(
         dir.path(),
         serde_json::json!({
             "boot-source": {"kernel_image_path": kernel, "boot_args": "kiln-test"},
             "machine-config": {"vcpu_count": 2, "mem_size_mib": 64},
             "entropy": {}
         }),
+        "pvh:MTVFU\n",
     );
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
-    assert!(stdout.contains("pvh:MTVFU\n"), "{}", describe(&o));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stderr.contains("Guest-boot-time = "), "boot timer did not log: {}", describe(&o));
     assert!(stderr.contains("via Pvh"), "{}", describe(&o));
@@ -63,15 +69,14 @@ fn linux_64bit_boot_protocol_zero_page_and_cmdline() {
     require_kvm!();
     let dir = tempfile::tempdir().unwrap();
     let kernel = guest(dir.path(), "lm.elf", include_str!("guests/linux64.S"));
-    let o = run_vmm(
+    let o = run_expecting(
         dir.path(),
         serde_json::json!({
             "boot-source": {"kernel_image_path": kernel, "boot_args": "kiln-test console=ttyS0"},
             "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}
         }),
+        "lm:ZC\n",
     );
-    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("lm:ZC\n"), "{}", describe(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("via Linux64"), "{}", describe(&o));
 }
 
@@ -83,7 +88,7 @@ fn hostile_guest_cannot_take_the_vmm_down() {
     // Give it a drive too, so a block device sits behind the second window.
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-    let o = run_vmm(
+    run_expecting(
         dir.path(),
         serde_json::json!({
             "boot-source": {"kernel_image_path": kernel},
@@ -91,9 +96,8 @@ fn hostile_guest_cannot_take_the_vmm_down() {
             "entropy": {},
             "drives": [{"drive_id": "d", "path_on_host": disk, "is_root_device": false, "is_read_only": false}]
         }),
+        "hostile:ok\n",
     );
-    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("hostile:ok\n"), "{}", describe(&o));
     assert_eq!(std::fs::read(&disk).unwrap(), vec![0u8; 1 << 20], "the disk must be untouched");
 }
 
@@ -103,13 +107,12 @@ fn memory_sizes_across_the_mmio_gap_boot() {
     // 3.5 GiB straddles the MMIO gap at 3 GiB: RAM is split in two KVM slots and the guest still runs.
     let dir = tempfile::tempdir().unwrap();
     let kernel = guest(dir.path(), "lm.elf", include_str!("guests/linux64.S"));
-    let o = run_vmm(
+    run_expecting(
         dir.path(),
         serde_json::json!({
             "boot-source": {"kernel_image_path": kernel, "boot_args": "kiln"},
             "machine-config": {"vcpu_count": 4, "mem_size_mib": 3584}
         }),
+        "lm:ZC\n",
     );
-    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("lm:ZC\n"), "{}", describe(&o));
 }
