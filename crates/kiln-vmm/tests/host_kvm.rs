@@ -116,3 +116,34 @@ fn memory_sizes_across_the_mmio_gap_boot() {
         "lm:ZC\n",
     );
 }
+
+#[test]
+fn thirty_two_vcpus_and_serial_output_to_a_file() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest(dir.path(), "pvh.elf", include_str!("guests/pvh.S"));
+    let cfg = dir.path().join("vm.json");
+    let console = dir.path().join("console.log");
+    std::fs::write(
+        &cfg,
+        serde_json::to_vec(&serde_json::json!({
+            "boot-source": {"kernel_image_path": kernel},
+            "machine-config": {"vcpu_count": 32, "mem_size_mib": 64},
+            "entropy": {}
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln-vmm"))
+        .args(["--no-api", "--no-stdin", "--allow-pvm", "--serial-out"])
+        .arg(&console)
+        .arg("--config-file")
+        .arg(&cfg)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("32 vCPUs"), "{}", describe(&o));
+    assert!(o.stdout.is_empty(), "console output belongs in the file: {}", describe(&o));
+    assert!(std::fs::read_to_string(&console).unwrap().contains("pvh:MTVFU\n"));
+}
