@@ -13,7 +13,8 @@
 //! `lab-runner kvm-check` opens /dev/kvm, prints KVM_GET_API_VERSION and tries KVM_CREATE_VM.
 //!
 //! Scenario format, one directive per line, fields separated by one space, strings hex-encoded:
-//! `limit BYTES`, `env KEY VALUE`, `run NAME CMD`, `bg NAME CMD`, `wait NAME`.
+//! `limit BYTES`, `stream 0|1`, `env KEY VALUE`, `run NAME CMD`, `bg NAME CMD`, `wait NAME`.
+//! With `stream 1`, new step output is also sent every 50 ms as `out` records (fd 1 or 2).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -45,6 +46,10 @@ extern "C" {
     fn tcsetattr(fd: i32, action: i32, termios: *const [u64; 16]) -> i32;
     fn cfmakeraw(termios: *mut [u64; 16]);
     fn close(fd: i32) -> i32;
+    fn sigemptyset(set: *mut [u64; 16]) -> i32;
+    fn sigaddset(set: *mut [u64; 16], sig: i32) -> i32;
+    fn sigprocmask(how: i32, set: *const [u64; 16], old: *mut [u64; 16]) -> i32;
+    fn sigtimedwait(set: *const [u64; 16], info: *mut [u64; 16], timeout: *const [i64; 2]) -> i32;
 }
 
 const CLOCK_MONOTONIC: i32 = 1;
@@ -52,6 +57,8 @@ const CLOCK_BOOTTIME: i32 = 7;
 const WNOHANG: i32 = 1;
 const SIGTERM: i32 = 15;
 const SIGKILL: i32 = 9;
+const SIGCHLD: i32 = 17;
+const SIG_BLOCK: i32 = 0;
 const RB_AUTOBOOT: i32 = 0x0123_4567;
 const KVM_GET_API_VERSION: u64 = 0xAE00;
 const KVM_CREATE_VM: u64 = 0xAE01;
@@ -107,11 +114,16 @@ struct Step {
     reaped: Option<Reaped>,
     reported: bool,
     killed: bool,
+    /// Bytes of stdout/stderr already streamed.
+    streamed: [u64; 2],
 }
 
 struct Runner {
     results: File,
     limit: u64,
+    /// Stream step output live as `out` records (`stream 1` in the scenario).
+    stream: bool,
+    sigchld: [u64; 16],
     env: Vec<(String, String)>,
     steps: Vec<Step>,
     by_pid: HashMap<i32, usize>,
@@ -221,6 +233,7 @@ impl Runner {
                     reaped: None,
                     reported: false,
                     killed: false,
+                    streamed: [0, 0],
                 });
                 Some(idx)
             }
@@ -238,13 +251,68 @@ impl Runner {
         }
     }
 
+    /// Emits new output of unreported steps as `out` records; `all` drains to the end of the files.
+    fn stream_outputs(&mut self, only: Option<usize>, all: bool) {
+        for i in 0..self.steps.len() {
+            if only.is_some_and(|o| o != i) || self.steps[i].reported {
+                continue;
+            }
+            for fd in 0..2 {
+                loop {
+                    let step = &self.steps[i];
+                    let path = if fd == 0 { &step.out_path } else { &step.err_path };
+                    let Ok(mut f) = File::open(path) else { break };
+                    if f.seek(SeekFrom::Start(step.streamed[fd])).is_err() {
+                        break;
+                    }
+                    let mut buf = Vec::new();
+                    let _ = (&mut f).take(64 * 1024).read_to_end(&mut buf);
+                    if buf.is_empty() {
+                        break;
+                    }
+                    let name = json_str(&step.name);
+                    self.steps[i].streamed[fd] += buf.len() as u64;
+                    self.emit(&format!(
+                        "{{\"t\":\"out\",\"name\":{name},\"fd\":{},\"data\":\"{}\"}}",
+                        fd + 1,
+                        b64(&buf)
+                    ));
+                    if !all {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
     /// Reaps children until step `idx` has exited, recording every step that exits meanwhile.
     fn wait_step(&mut self, idx: usize) {
+        if self.stream {
+            return self.wait_step_streaming(idx);
+        }
         while self.steps.get(idx).is_some_and(|s| s.reaped.is_none()) {
             match reap_any(true) {
                 Some((pid, r)) => self.record(pid, r),
                 None => break, // ECHILD: nothing left to wait for.
             }
+        }
+    }
+
+    /// Like `wait_step`, streaming output every 50 ms meanwhile. SIGCHLD is blocked and waited for
+    /// with a timeout, so a step is still reaped as soon as it exits.
+    fn wait_step_streaming(&mut self, idx: usize) {
+        loop {
+            while let Some((pid, r)) = reap_any(false) {
+                self.record(pid, r);
+            }
+            if self.steps.get(idx).is_none_or(|s| s.reaped.is_some()) {
+                return;
+            }
+            self.stream_outputs(None, false);
+            let timeout = [0i64, 50_000_000];
+            let mut info = [0u64; 16];
+            // SAFETY: all pointers are to live, correctly sized local buffers.
+            unsafe { sigtimedwait(&self.sigchld, &mut info, &timeout) };
         }
     }
 
@@ -267,6 +335,13 @@ impl Runner {
         if step.reported {
             return;
         }
+        if step.reaped.is_none() {
+            return;
+        }
+        if self.stream {
+            self.stream_outputs(Some(idx), true);
+        }
+        let Some(step) = self.steps.get(idx) else { return };
         let Some(r) = step.reaped else { return };
         let (code, signal) = if r.status & 0x7f == 0 {
             ((r.status >> 8) & 0xff, None)
@@ -361,7 +436,23 @@ fn run(scenario: &str, results: &str) -> Result<(), String> {
         .open(results)
         .map_err(|e| format!("{results}: {e}"))?;
     set_raw(&out);
-    let mut r = Runner { results: out, limit: 1 << 20, env: Vec::new(), steps: Vec::new(), by_pid: HashMap::new() };
+    let mut sigchld = [0u64; 16];
+    // SAFETY: `sigchld` is a sigset_t-sized buffer; blocking SIGCHLD lets sigtimedwait take it.
+    // Children get an empty mask again from std::process::Command.
+    unsafe {
+        sigemptyset(&mut sigchld);
+        sigaddset(&mut sigchld, SIGCHLD);
+        sigprocmask(SIG_BLOCK, &sigchld, std::ptr::null_mut());
+    }
+    let mut r = Runner {
+        results: out,
+        limit: 1 << 20,
+        stream: false,
+        sigchld,
+        env: Vec::new(),
+        steps: Vec::new(),
+        by_pid: HashMap::new(),
+    };
     r.emit(&format!("{{\"t\":\"ready\",\"uptime_us\":{}}}", now_us(CLOCK_BOOTTIME)));
     for (n, line) in text.lines().enumerate() {
         let f: Vec<&str> = line.split(' ').collect();
@@ -369,6 +460,7 @@ fn run(scenario: &str, results: &str) -> Result<(), String> {
         match f.as_slice() {
             [""] => {}
             ["limit", v] => r.limit = v.parse().map_err(|_| bad())?,
+            ["stream", v] => r.stream = *v == "1",
             ["env", k, v] => r.env.push((unhex(k)?, unhex(v)?)),
             ["run", name, cmd] => {
                 if let Some(idx) = r.spawn(unhex(name)?, &unhex(cmd)?, false) {

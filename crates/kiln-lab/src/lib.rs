@@ -143,6 +143,26 @@ impl StepResult {
     }
 }
 
+/// Which output stream a chunk of [`LabEvent::Output`] came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// Progress of a run, delivered live by [`Lab::run_with`].
+#[derive(Debug)]
+pub enum LabEvent<'a> {
+    /// The step runner is up; `boot_time` is host time since QEMU started.
+    Ready { boot_time: Duration },
+    /// A step was started.
+    StepStarted { name: &'a str },
+    /// New output of a running step (sent every 50 ms while it runs, the rest when it ends).
+    Output { step: &'a str, stream: OutputStream, data: &'a [u8] },
+    /// A step ended.
+    StepFinished(&'a StepResult),
+}
+
 /// What a lab run returns.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -344,6 +364,12 @@ impl Lab {
     /// Boots the lab, runs the scenario, and returns the results. Labs on one host run one at a
     /// time (a host-wide lock); the timeout counts from QEMU's start, not from the wait.
     pub fn run(&self) -> Result<Report, LabError> {
-        run::run(self)
+        run::run(self, None)
+    }
+
+    /// Like [`Lab::run`], and calls `on_event` as things happen, including step output while the
+    /// step runs (the runner then polls output every 50 ms, so prefer [`Lab::run`] for benchmarks).
+    pub fn run_with(&self, mut on_event: impl FnMut(LabEvent<'_>)) -> Result<Report, LabError> {
+        run::run(self, Some(&mut on_event))
     }
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::cpio::{archive_path, CpioWriter};
 use crate::host::{self, FileLock};
-use crate::{Directive, Lab, LabError, Payload, Report, StepResult};
+use crate::{Directive, Lab, LabError, LabEvent, OutputStream, Payload, Report, StepResult};
 
 /// How long QEMU may take to exit after the runner reported the end of the scenario.
 const EXIT_GRACE: Duration = Duration::from_secs(30);
@@ -25,6 +25,7 @@ const POLL: Duration = Duration::from_millis(10);
 enum Record {
     Ready { uptime_us: u64 },
     Start { name: String },
+    Out { name: String, fd: u8, data: String },
     Step(StepRecord),
     Done {},
 }
@@ -74,10 +75,10 @@ fn hex(s: &str) -> String {
 }
 
 /// The scenario file the runner reads (see `runner/lab_runner.rs`).
-fn scenario(lab: &Lab) -> Result<String, LabError> {
+fn scenario(lab: &Lab, stream: bool) -> Result<String, LabError> {
     let mut names = HashSet::new();
     let mut background = HashSet::new();
-    let mut out = format!("limit {}\n", lab.output_limit);
+    let mut out = format!("limit {}\nstream {}\n", lab.output_limit, u8::from(stream));
     for (k, v) in &lab.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
             return Err(LabError::Scenario(format!("bad environment variable {k:?}")));
@@ -189,7 +190,7 @@ fn resolve_payload(lab: &Lab) -> Result<BTreeMap<String, (Source, u32)>, LabErro
 }
 
 /// Writes `base.cpio` + payload archive to `path`.
-fn write_initrd(lab: &Lab, path: &Path) -> Result<u64, LabError> {
+fn write_initrd(lab: &Lab, path: &Path, stream: bool) -> Result<u64, LabError> {
     std::fs::copy(&lab.base.cpio, path).map_err(|e| LabError::io(&lab.base.cpio, e))?;
     let payload = resolve_payload(lab)?;
     let file = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| LabError::io(path, e))?;
@@ -201,7 +202,7 @@ fn write_initrd(lab: &Lab, path: &Path) -> Result<u64, LabError> {
             Source::Bytes(b) => w.file(dst, *perm, b).map_err(io)?,
         }
     }
-    w.file("lab/scenario", 0o644, scenario(lab)?.as_bytes()).map_err(io)?;
+    w.file("lab/scenario", 0o644, scenario(lab, stream)?.as_bytes()).map_err(io)?;
     w.finish().map_err(io)?;
     Ok(std::fs::metadata(path).map_err(io)?.len())
 }
@@ -283,7 +284,9 @@ fn qemu_command(lab: &Lab, initrd: &Path, console: &Path, results: &Path) -> Com
     cmd
 }
 
-pub(crate) fn run(lab: &Lab) -> Result<Report, LabError> {
+pub(crate) type EventSink<'a> = Option<&'a mut dyn FnMut(LabEvent<'_>)>;
+
+pub(crate) fn run(lab: &Lab, mut events: EventSink<'_>) -> Result<Report, LabError> {
     for d in &lab.disks {
         if !d.path.is_file() {
             return Err(LabError::Scenario(format!("disk {} is not a file", d.path.display())));
@@ -294,7 +297,7 @@ pub(crate) fn run(lab: &Lab) -> Result<Report, LabError> {
         .tempdir()
         .map_err(|e| LabError::io(Path::new("/tmp"), e))?;
     let initrd = tmp.path().join("initrd.cpio");
-    write_initrd(lab, &initrd)?;
+    write_initrd(lab, &initrd, events.is_some())?;
     let console = tmp.path().join("console.log");
     let results = tmp.path().join("results.log");
     let qemu_err = tmp.path().join("qemu.stderr");
@@ -330,13 +333,34 @@ pub(crate) fn run(lab: &Lab) -> Result<Report, LabError> {
             })?;
             match rec {
                 Record::Ready { uptime_us } => {
-                    ready = Some((start.elapsed(), Duration::from_micros(uptime_us)))
+                    let boot_time = start.elapsed();
+                    ready = Some((boot_time, Duration::from_micros(uptime_us)));
+                    if let Some(f) = events.as_mut() {
+                        f(LabEvent::Ready { boot_time });
+                    }
                 }
-                Record::Start { name } => running = Some(name),
+                Record::Start { name } => {
+                    if let Some(f) = events.as_mut() {
+                        f(LabEvent::StepStarted { name: &name });
+                    }
+                    running = Some(name);
+                }
+                Record::Out { name, fd, data } => {
+                    let data = base64::engine::general_purpose::STANDARD
+                        .decode(&data)
+                        .map_err(|e| LabError::Protocol(format!("output of {name}: {e}")))?;
+                    let stream = if fd == 2 { OutputStream::Stderr } else { OutputStream::Stdout };
+                    if let Some(f) = events.as_mut() {
+                        f(LabEvent::Output { step: &name, stream, data: &data });
+                    }
+                }
                 Record::Step(s) => {
                     let r = s.into_result()?;
                     if running.as_deref() == Some(r.name.as_str()) {
                         running = None;
+                    }
+                    if let Some(f) = events.as_mut() {
+                        f(LabEvent::StepFinished(&r));
                     }
                     steps.push(r);
                 }

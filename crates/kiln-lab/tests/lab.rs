@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use kiln_lab::cpio::CpioWriter;
-use kiln_lab::{Lab, LabError};
+use kiln_lab::{Lab, LabError, LabEvent};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -55,7 +55,7 @@ fn lab_scenario() -> TestResult {
         .disk(&disk)
         .disk_read_only(&ro_disk)
         .env("LAB_TEST_VAR", "value with spaces")
-        .timeout(Duration::from_secs(900))
+        .timeout(Duration::from_secs(600))
         .step(
             "kvm",
             "/lab/runner kvm-check && ls -l /dev/kvm && dmesg | grep -E 'Nested (Paging|Virtualization) enabled'",
@@ -72,7 +72,7 @@ fn lab_scenario() -> TestResult {
         .step("disk", "printf kiln-lab-disk-ok | dd of=/dev/vda conv=notrunc 2>/dev/null && head -c 22 /dev/vdb")
         .step(
             "microvm",
-            "qemu-system-x86_64 -M microvm -accel kvm -cpu host -m 256 -smp 1 -nodefaults -no-user-config \
+            "timeout 300 qemu-system-x86_64 -M microvm -accel kvm -cpu host -m 256 -smp 1 -nodefaults -no-user-config \
              -nographic -no-reboot -serial stdio -kernel /lab/guest/vmlinuz -initrd /lab/guest/initrd.cpio \
              -append 'console=ttyS0 reboot=t panic=-1 quiet'",
         )
@@ -157,11 +157,22 @@ fn lab_scenario() -> TestResult {
 
 #[test]
 fn lab_timeout_is_an_error_with_the_console_tail() -> TestResult {
+    // Also exercises live events: the output of the hanging step arrives before the timeout.
+    let mut events = Vec::new();
     let err = Lab::new()?
         .timeout(Duration::from_secs(40))
         .step("quick", "true")
-        .step("hang", "echo hanging; sleep 1000")
-        .run()
+        .step("hang", "echo hanging; echo to-stderr >&2; sleep 1000")
+        .run_with(|ev| {
+            events.push(match ev {
+                LabEvent::Ready { .. } => "ready".to_string(),
+                LabEvent::StepStarted { name } => format!("start {name}"),
+                LabEvent::Output { step, stream, data } => {
+                    format!("{step} {stream:?} {}", String::from_utf8_lossy(data))
+                }
+                LabEvent::StepFinished(r) => format!("end {} {}", r.name, r.exit_code),
+            })
+        })
         .err()
         .ok_or("the lab should have timed out")?;
     match &err {
@@ -173,6 +184,9 @@ fn lab_timeout_is_an_error_with_the_console_tail() -> TestResult {
                 assert_eq!(step, "hang");
                 assert_eq!(completed.len(), 1);
                 assert_eq!(completed[0].name, "quick");
+                assert_eq!(events[..4], ["ready", "start quick", "end quick 0", "start hang"], "{events:?}");
+                assert!(events.contains(&"hang Stdout hanging\n".to_string()), "{events:?}");
+                assert!(events.contains(&"hang Stderr to-stderr\n".to_string()), "{events:?}");
             }
         }
         other => panic!("expected a timeout, got {other}"),

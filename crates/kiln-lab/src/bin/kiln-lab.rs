@@ -135,7 +135,23 @@ fn main() -> Result<()> {
             bail!("nothing to run: give a command after `--`, or --check");
         }
         let command = args.command.join(" ");
-        let report = lab(&args)?.step("cmd", &command).run().context("running the lab")?;
+        let lab = lab(&args)?.step("cmd", &command);
+        let report = if args.json {
+            lab.run()
+        } else {
+            lab.run_with(|ev| {
+                if let kiln_lab::LabEvent::Output { stream, data, .. } = ev {
+                    // Best effort: a closed stdout must not abort the lab run.
+                    let _ = match stream {
+                        kiln_lab::OutputStream::Stdout => {
+                            std::io::stdout().write_all(data).and_then(|_| std::io::stdout().flush())
+                        }
+                        kiln_lab::OutputStream::Stderr => std::io::stderr().write_all(data),
+                    };
+                }
+            })
+        }
+        .context("running the lab")?;
         if args.console {
             eprintln!("{}", report.console);
         }
@@ -149,8 +165,9 @@ fn main() -> Result<()> {
             });
             println!("{json:#}");
         } else {
-            std::io::stdout().write_all(&step.stdout)?;
-            std::io::stderr().write_all(&step.stderr)?;
+            if step.stderr.last().is_some_and(|&b| b != b'\n') {
+                eprintln!();
+            }
             eprintln!(
                 "kiln-lab: exit {} in {:.6}s, max RSS {} KiB (lab boot {:.2}s)",
                 step.exit_code,
