@@ -208,3 +208,27 @@ fn scenario_errors_are_reported_before_booting() -> TestResult {
     assert!(matches!(missing, Err(LabError::Io { .. })), "{missing:?}");
     Ok(())
 }
+
+#[test]
+fn lab_crash_is_reported_with_the_console_tail() -> TestResult {
+    let err = Lab::new()?
+        .timeout(Duration::from_secs(300))
+        .step("before", "echo fine")
+        .step("crash", "echo c > /proc/sysrq-trigger; sleep 100")
+        .step("never", "true")
+        .run()
+        .err()
+        .ok_or("the lab should have died")?;
+    match &err {
+        LabError::LabDied { completed, console_tail, .. } => {
+            assert_eq!(completed.len(), 1, "{completed:?}");
+            assert_eq!(completed[0].stdout_str(), "fine\n");
+            assert!(
+                console_tail.contains("sysrq") || console_tail.contains("Kernel panic"),
+                "{console_tail}"
+            );
+        }
+        other => panic!("expected LabDied, got {other}"),
+    }
+    Ok(())
+}
