@@ -27,6 +27,9 @@ struct Args {
     /// Extra kernel modules to load in the lab (with dependencies), e.g. ext4.
     #[arg(long, value_name = "NAME")]
     module: Vec<String>,
+    /// Extra argument for the lab kernel's command line (e.g. `loglevel=7`).
+    #[arg(long, value_name = "ARG")]
+    kernel_arg: Vec<String>,
     /// Lab timeout in seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
@@ -77,6 +80,9 @@ fn lab(args: &Args) -> Result<kiln_lab::Lab> {
     }
     for d in &args.disk {
         lab = lab.disk(d);
+    }
+    for a in &args.kernel_arg {
+        lab = lab.kernel_arg(a);
     }
     Ok(lab.timeout(Duration::from_secs(args.timeout)))
 }
