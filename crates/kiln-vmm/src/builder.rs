@@ -219,16 +219,17 @@ pub fn build_microvm(
         .map_err(StartMicrovmError::Bus)?;
 
     // virtio-mmio devices, in attach order: drives (root first), then entropy.
-    let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let mut virtio: Vec<(Option<String>, Box<dyn VirtioDevice>)> = Vec::new();
     for b in backends.drives {
-        virtio.push(Box::new(b));
+        virtio.push((Some(b.id().to_string()), Box::new(b)));
     }
     if let Some(rng) = backends.rng {
-        virtio.push(Box::new(rng));
+        virtio.push((None, Box::new(rng)));
     }
     let mut announced = Vec::new();
     let mut notifiers = Vec::new();
-    for (i, dev) in virtio.into_iter().enumerate() {
+    let mut drives = Vec::new();
+    for (i, (drive_id, dev)) in virtio.into_iter().enumerate() {
         let addr = layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE;
         let irq = layout::IRQ_VIRTIO_FIRST + i as u32;
         let irq_evt = irq_eventfd(&vm, irq)?;
@@ -242,6 +243,9 @@ pub fn build_microvm(
             vm.register_ioevent(&evt, &IoEventAddress::Mmio(addr + VIRTIO_MMIO_QUEUE_NOTIFY), q)
                 .map_err(kvm_err("KVM_IOEVENTFD"))?;
             notifiers.push(QueueNotifier { evt, transport: transport.clone(), queue: q });
+        }
+        if let Some(id) = drive_id {
+            drives.push((id, transport.clone()));
         }
         announced.push((addr, layout::VIRTIO_MMIO_SIZE, irq));
     }
@@ -299,6 +303,7 @@ pub fn build_microvm(
             i8042,
             reset_evt,
             notifiers,
+            drives,
         },
         opts.start.wall,
     ))

@@ -33,3 +33,18 @@ pub mod exit_code {
     /// KVM cannot be used here: `/dev/kvm` missing or not permitted, lacking capabilities, or PVM.
     pub const KVM_UNAVAILABLE: i32 = 154;
 }
+
+pub mod api;
+pub mod controller;
+
+/// An error and its sources on one line: "what failed: why: root cause".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

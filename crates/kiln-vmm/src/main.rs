@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use kiln_devices::legacy::boot_timer::StartTime;
+use kiln_vmm::api::VmmApi;
 use kiln_vmm::builder::{self, BuildOptions, StartMicrovmError};
+use kiln_vmm::controller::{Controller, ControllerOptions, VmmAction};
 use kiln_vmm::exit_code;
 use kiln_vmm::kvm_host::{self, KvmHost};
 use kiln_vmm::resources::{self, LoggerConfig, SerialOutput, VmResources};
@@ -25,7 +27,7 @@ struct Args {
     /// Don't serve the API socket; the VM is fully described by --config-file.
     #[arg(long)]
     no_api: bool,
-    /// Path of the Firecracker-compatible API socket.
+    /// Serve the Firecracker-compatible API on this Unix socket (default /run/firecracker.socket).
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
     /// Instance id, shown in logs.
@@ -67,14 +69,7 @@ struct Failure {
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    kiln_vmm::error_chain(e)
 }
 
 fn fail(code: i32, message: impl Into<String>) -> Failure {
@@ -168,6 +163,62 @@ fn start_error_code(e: &StartMicrovmError) -> i32 {
     }
 }
 
+/// Reads and validates a config file (exit code 152 on any problem).
+fn load_config(path: &std::path::Path) -> Result<kiln_fc_api::models::FullVmConfiguration, Failure> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        fail(exit_code::BAD_CONFIGURATION, format!("cannot read config file {}: {e}", path.display()))
+    })?;
+    kiln_fc_api::models::parse_config_file(&text)
+        .map_err(|e| fail(exit_code::BAD_CONFIGURATION, format!("{}: {}", path.display(), chain(&e))))
+}
+
+fn open_serial_out(path: Option<&PathBuf>) -> Result<Box<dyn Write + Send>, Failure> {
+    Ok(match path {
+        None => Box::new(std::io::stdout()),
+        Some(p) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(p).map_err(|e| {
+            fail(exit_code::BAD_CONFIGURATION, format!("cannot open serial output {}: {e}", p.display()))
+        })?),
+    })
+}
+
+/// Firecracker's default API socket path.
+const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
+
+/// Serves the Firecracker API until the VM it starts ends (or forever, if none is started).
+fn run_api(args: &Args, start: StartTime) -> Result<i32, Failure> {
+    let cfg = args.config_file.as_deref().map(load_config).transpose()?;
+    init_logging(args, None)?;
+    let sock = args.api_sock.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCK));
+    let server = kiln_fc_api::server::ApiServer::bind(&sock).map_err(|e| {
+        fail(exit_code::ARG_PARSING, format!("cannot serve the API on {}: {}", sock.display(), chain(&e)))
+    })?;
+    let (exit_tx, exit_rx) = std::sync::mpsc::channel();
+    let controller = std::sync::Arc::new(Controller::new(ControllerOptions {
+        start,
+        serial_out: open_serial_out(args.serial_out.as_ref())?,
+        serial_in: !args.no_stdin,
+        allow_pvm: args.allow_pvm,
+        exit_tx,
+    }));
+    let handle = server
+        .spawn(std::sync::Arc::new(VmmApi { controller: controller.clone(), instance_id: args.id.clone() }))
+        .map_err(|e| fail(exit_code::VMM_ERROR, format!("cannot start the API server: {}", chain(&e))))?;
+    tracing::info!("serving the API on {}", sock.display());
+    let _terminal = if args.no_stdin { RawTerminal(None) } else { RawTerminal::enable() };
+    if let Some(cfg) = cfg {
+        // As Firecracker: a config file given with the API boots the VM right away.
+        controller
+            .load_config(cfg)
+            .and_then(|()| controller.handle(VmmAction::Start))
+            .map_err(|e| fail(exit_code::BAD_CONFIGURATION, e.to_string()))?;
+    }
+    let code = exit_rx.recv().unwrap_or(exit_code::VMM_ERROR);
+    let _ = std::io::stdout().flush();
+    handle.shutdown();
+    let _ = std::fs::remove_file(&sock);
+    Ok(code)
+}
+
 fn run(start: StartTime) -> Result<i32, Failure> {
     let args = match Args::try_parse() {
         Ok(a) => a,
@@ -186,18 +237,11 @@ fn run(start: StartTime) -> Result<i32, Failure> {
             return Err(fail(code, format!("{first} (see --help)")));
         }
     };
-    let config_path = match (&args.config_file, &args.api_sock, args.no_api) {
-        (Some(p), None, _) => p.clone(),
-        (_, Some(_), false) | (None, Some(_), true) => {
-            return Err(fail(
-                exit_code::ARG_PARSING,
-                "the API socket (--api-sock) is not served by this kiln-vmm yet: describe the VM with --config-file FILE --no-api",
-            ))
-        }
-        (Some(p), Some(_), true) => p.clone(),
-        (None, None, _) => {
-            return Err(fail(exit_code::ARG_PARSING, "nothing to run: give --config-file FILE --no-api (see --help)"))
-        }
+    if !args.no_api {
+        return run_api(&args, start);
+    }
+    let Some(config_path) = args.config_file.clone() else {
+        return Err(fail(exit_code::ARG_PARSING, "--no-api needs --config-file FILE (see --help)"));
     };
     let text = std::fs::read_to_string(&config_path).map_err(|e| {
         fail(exit_code::BAD_CONFIGURATION, format!("cannot read config file {}: {e}", config_path.display()))

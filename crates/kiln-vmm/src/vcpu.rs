@@ -1,9 +1,9 @@
 //! vCPUs: per-vCPU configuration (CPUID, MSRs, registers, LAPIC) and the thread that runs `KVM_RUN`
 //! and dispatches the guest's port and memory-mapped I/O to the device buses.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
+use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
 use kiln_devices::bus::Bus;
@@ -103,8 +103,97 @@ pub struct VcpuRunner {
     pub outcome_evt: EventFd,
     /// The VMM's start, for the first-KVM_RUN timing line.
     pub process_start: Instant,
-    /// Set when the VMM stops the VM; the thread then leaves at its next exit from KVM_RUN.
-    pub stop: Arc<AtomicBool>,
+    /// Run state shared with the VMM (pause, resume, stop).
+    pub control: Arc<VcpuControl>,
+}
+
+/// What the VMM asks of its vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunState {
+    Running,
+    Paused,
+    Stopping,
+}
+
+/// Pause, resume and stop for a VM's vCPUs. The requester sets the state and kicks the vCPU threads
+/// out of KVM_RUN; each vCPU checks the state before every KVM_RUN and parks while paused.
+#[derive(Debug)]
+pub struct VcpuControl {
+    state: Mutex<(RunState, usize)>,
+    changed: Condvar,
+    vcpus: usize,
+}
+
+impl VcpuControl {
+    pub fn new(vcpus: usize) -> Self {
+        Self { state: Mutex::new((RunState::Running, 0)), changed: Condvar::new(), vcpus }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (RunState, usize)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called by a vCPU before KVM_RUN: parks while paused; false when the vCPU must stop.
+    fn may_run(&self) -> bool {
+        let mut g = self.lock();
+        if g.0 == RunState::Paused {
+            g.1 += 1;
+            self.changed.notify_all();
+            while g.0 == RunState::Paused {
+                g = self.changed.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            g.1 -= 1;
+        }
+        g.0 != RunState::Stopping
+    }
+
+    /// Asks the vCPUs to pause; `kick` forces them out of KVM_RUN. Returns once all are parked (or
+    /// after `timeout`, returning false).
+    pub fn pause(&self, kick: impl Fn(), timeout: std::time::Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        {
+            let mut g = self.lock();
+            if g.0 == RunState::Stopping {
+                return false;
+            }
+            g.0 = RunState::Paused;
+        }
+        loop {
+            kick();
+            let g = self.lock();
+            if g.1 >= self.vcpus {
+                return true;
+            }
+            let (g, _) = self
+                .changed
+                .wait_timeout(g, std::time::Duration::from_millis(5))
+                .unwrap_or_else(|e| e.into_inner());
+            if g.1 >= self.vcpus {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+        }
+    }
+
+    pub fn resume(&self) {
+        let mut g = self.lock();
+        if g.0 == RunState::Paused {
+            g.0 = RunState::Running;
+            self.changed.notify_all();
+        }
+    }
+
+    pub fn stop(&self) {
+        let mut g = self.lock();
+        g.0 = RunState::Stopping;
+        self.changed.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.lock().0 == RunState::Paused
+    }
 }
 
 impl VcpuRunner {
@@ -118,7 +207,7 @@ impl VcpuRunner {
             );
         }
         let outcome = loop {
-            if self.stop.load(Ordering::SeqCst) {
+            if !self.control.may_run() {
                 break VcpuOutcome::GuestStopped("stopped by the VMM".into());
             }
             if let Some(outcome) = self.run_once() {

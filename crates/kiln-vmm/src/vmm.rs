@@ -4,7 +4,6 @@
 
 use std::os::unix::io::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
@@ -19,7 +18,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::vcpu::{VcpuOutcome, VcpuRunner};
+use crate::vcpu::{VcpuControl, VcpuOutcome, VcpuRunner};
 
 const TOKEN_RESET: u64 = 0;
 const TOKEN_VCPU: u64 = 1;
@@ -59,6 +58,58 @@ pub struct VmmDevices {
     pub i8042: Arc<Mutex<I8042Device>>,
     pub reset_evt: EventFd,
     pub notifiers: Vec<QueueNotifier>,
+    /// Block devices by drive id, for swapping their backing files at run time.
+    pub drives: Vec<(String, Arc<Mutex<MmioTransport>>)>,
+}
+
+/// Control of a running VM from other threads (the API): pause, resume, Ctrl-Alt-Del, drives.
+#[derive(Clone)]
+pub struct VmHandle {
+    control: Arc<VcpuControl>,
+    threads: Arc<Mutex<Vec<libc::pthread_t>>>,
+    i8042: Arc<Mutex<I8042Device>>,
+    drives: Vec<(String, Arc<Mutex<MmioTransport>>)>,
+}
+
+impl VmHandle {
+    fn kick(&self) {
+        for t in lock(&self.threads).iter() {
+            // SAFETY: the pthread_t values belong to this VM's vCPU threads, which are only joined
+            // after `stop` clears this list; the signal has a no-op handler (install_kick_handler).
+            unsafe { libc::pthread_kill(*t, kick_signal()) };
+        }
+    }
+
+    /// Stops the vCPUs (the guest's clock keeps running; devices keep their state). False if the
+    /// vCPUs did not all stop within a second.
+    pub fn pause(&self) -> bool {
+        self.control.pause(|| self.kick(), Duration::from_secs(1))
+    }
+
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
+    }
+
+    /// Sends Ctrl-Alt-Del through the i8042: a Linux guest shuts down cleanly.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), String> {
+        lock(&self.i8042).trigger_ctrl_alt_del().map_err(|e| e.to_string())
+    }
+
+    /// Points drive `id` at a new backing file; the guest is told its new size.
+    pub fn update_drive(&self, id: &str, path: &std::path::Path) -> Result<(), String> {
+        let (_, transport) =
+            self.drives.iter().find(|(d, _)| d == id).ok_or_else(|| format!("no drive '{id}'"))?;
+        let mut t = lock(transport);
+        let block = t
+            .device_as_mut::<kiln_devices::virtio::block::Block>()
+            .ok_or_else(|| format!("'{id}' is not a block device"))?;
+        let read_only = block.is_read_only();
+        block.update_backing(path, read_only).map_err(|e| e.to_string())
+    }
 }
 
 /// A built microVM.
@@ -71,6 +122,8 @@ pub struct Vmm {
     mmio: Arc<Bus>,
     devices: VmmDevices,
     process_start: Instant,
+    control: Arc<VcpuControl>,
+    threads: Arc<Mutex<Vec<libc::pthread_t>>>,
 }
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
@@ -104,18 +157,33 @@ impl Vmm {
         devices: VmmDevices,
         process_start: Instant,
     ) -> Self {
-        Self { vcpus, _vm: vm, _mem: mem, pio, mmio, devices, process_start }
+        let control = Arc::new(VcpuControl::new(vcpus.len()));
+        Self {
+            vcpus,
+            _vm: vm,
+            _mem: mem,
+            pio,
+            mmio,
+            devices,
+            process_start,
+            control,
+            threads: Arc::default(),
+        }
     }
 
-    /// Lets the host deliver Ctrl-Alt-Del to the guest's i8042.
-    pub fn i8042(&self) -> Arc<Mutex<I8042Device>> {
-        self.devices.i8042.clone()
+    /// A handle for controlling the VM while `run` serves it.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            control: self.control.clone(),
+            threads: self.threads.clone(),
+            i8042: self.devices.i8042.clone(),
+            drives: self.devices.drives.clone(),
+        }
     }
 
     /// Runs the VM until the guest stops or a vCPU fails. All vCPU threads have ended on return.
     pub fn run(mut self) -> Result<VmExit, VmmError> {
         install_kick_handler();
-        let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let outcome_evt = EventFd::new(EFD_NONBLOCK).map_err(VmmError::EventLoop)?;
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
@@ -128,17 +196,20 @@ impl Vmm {
                 outcome_tx: tx.clone(),
                 outcome_evt: outcome_evt.try_clone().map_err(VmmError::EventLoop)?,
                 process_start: self.process_start,
-                stop: stop.clone(),
+                control: self.control.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("kiln_vcpu{id}"))
                 .spawn(move || runner.run())
                 .map_err(VmmError::SpawnVcpu)?;
+            lock(&self.threads).push(t.as_pthread_t());
             threads.push(t);
         }
         drop(tx);
         let result = self.event_loop(&outcome_evt, &rx);
-        stop_vcpus(&stop, threads);
+        self.control.stop();
+        stop_vcpus(threads);
+        lock(&self.threads).clear();
         result
     }
 
@@ -262,8 +333,7 @@ enum StdinState {
 }
 
 /// Asks every vCPU thread to stop and waits for them, kicking them out of KVM_RUN with a signal.
-fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
-    stop.store(true, Ordering::SeqCst);
+fn stop_vcpus(threads: Vec<JoinHandle<()>>) {
     let deadline = Instant::now() + Duration::from_secs(2);
     for t in threads {
         while !t.is_finished() && Instant::now() < deadline {

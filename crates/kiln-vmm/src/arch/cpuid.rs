@@ -164,7 +164,7 @@ mod tests {
         let topo = Topology { vcpus: 4, threads_per_core: 1 };
         for cpu in 0..4u8 {
             let mut e = base.clone();
-            fixup(&mut e, cpu, topo);
+            fixup(&mut e, cpu, topo, CapabilityFeatures::default());
             assert_eq!(e[1].ebx >> 24, u32::from(cpu));
             assert_eq!((e[1].ebx >> 16) & 0xff, 4);
             assert_eq!(e[1].ebx & 0xffff, 0x0800, "CLFLUSH size kept");

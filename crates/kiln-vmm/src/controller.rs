@@ -1,0 +1,283 @@
+//! The one way into a VM from the outside (`VmmAction`): configure before boot, start, then control
+//! the running VM. The API thread and the config-file path both go through here; this module knows
+//! the Firecracker configuration model but nothing of HTTP.
+
+use std::io::Write;
+use std::sync::{mpsc, Mutex};
+
+use kiln_devices::bus::lock;
+use kiln_devices::legacy::boot_timer::StartTime;
+use kiln_fc_api::models::{
+    BootSource, Drive, EntropyDevice, FullVmConfiguration, MachineConfiguration, MachineConfigurationUpdate,
+    PartialDrive,
+};
+
+use crate::builder::{self, BuildOptions};
+use crate::exit_code;
+use crate::kvm_host::{self, KvmHost};
+use crate::resources::{self, VmResources, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
+use crate::vmm::{VmExit, VmHandle};
+
+/// Everything the outside can ask of a VM.
+#[derive(Debug)]
+pub enum VmmAction {
+    SetBootSource(BootSource),
+    InsertDrive(Drive),
+    UpdateDrive(PartialDrive),
+    SetMachineConfig(MachineConfiguration),
+    UpdateMachineConfig(MachineConfigurationUpdate),
+    SetEntropy(EntropyDevice),
+    GetMachineConfig,
+    GetVmConfig,
+    Start,
+    Pause,
+    Resume,
+    SendCtrlAltDel,
+}
+
+/// What an action returns.
+#[derive(Debug)]
+pub enum ActionOutput {
+    Done,
+    MachineConfig(MachineConfiguration),
+    VmConfig(Box<FullVmConfiguration>),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ActionError {
+    #[error("The requested operation is not supported before starting the microVM.")]
+    NotStarted,
+    #[error("The requested operation is not supported after starting the microVM.")]
+    AlreadyStarted,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("Cannot start microvm that was already started")]
+    StartedTwice,
+    #[error("Failed to start the microVM: {0}")]
+    Start(String),
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// Where the VM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    NotStarted,
+    Running,
+    Paused,
+}
+
+enum State {
+    NotStarted,
+    Running(VmHandle),
+}
+
+/// Host-side settings for the VM the controller will start.
+pub struct ControllerOptions {
+    pub start: StartTime,
+    pub serial_out: Box<dyn Write + Send>,
+    pub serial_in: bool,
+    pub allow_pvm: bool,
+    /// Receives the process exit code when the started VM ends.
+    pub exit_tx: mpsc::Sender<i32>,
+}
+
+/// Holds the configuration, starts the VM, and controls it afterwards.
+pub struct Controller {
+    config: Mutex<FullVmConfiguration>,
+    state: Mutex<State>,
+    opts: Mutex<Option<ControllerOptions>>,
+}
+
+impl Controller {
+    pub fn new(opts: ControllerOptions) -> Self {
+        Self {
+            config: Mutex::new(FullVmConfiguration::default()),
+            state: Mutex::new(State::NotStarted),
+            opts: Mutex::new(Some(opts)),
+        }
+    }
+
+    /// Replaces the whole pre-boot configuration (from a config file given with the API).
+    pub fn load_config(&self, cfg: FullVmConfiguration) -> Result<(), ActionError> {
+        *self.pre_boot()? = cfg;
+        Ok(())
+    }
+
+    pub fn lifecycle(&self) -> Lifecycle {
+        match &*lock(&self.state) {
+            State::NotStarted => Lifecycle::NotStarted,
+            State::Running(h) if h.is_paused() => Lifecycle::Paused,
+            State::Running(_) => Lifecycle::Running,
+        }
+    }
+
+    fn started(&self) -> bool {
+        !matches!(*lock(&self.state), State::NotStarted)
+    }
+
+    fn pre_boot(&self) -> Result<std::sync::MutexGuard<'_, FullVmConfiguration>, ActionError> {
+        if self.started() {
+            return Err(ActionError::AlreadyStarted);
+        }
+        Ok(lock(&self.config))
+    }
+
+    fn running(&self) -> Result<VmHandle, ActionError> {
+        match &*lock(&self.state) {
+            State::Running(h) => Ok(h.clone()),
+            State::NotStarted => Err(ActionError::NotStarted),
+        }
+    }
+
+    pub fn handle(&self, action: VmmAction) -> Result<ActionOutput, ActionError> {
+        match action {
+            VmmAction::SetBootSource(b) => self.pre_boot()?.boot_source = Some(b),
+            VmmAction::InsertDrive(d) => {
+                let mut cfg = self.pre_boot()?;
+                if d.is_root_device && cfg.drives.iter().any(|x| x.is_root_device && x.drive_id != d.drive_id)
+                {
+                    return Err(ActionError::Invalid("A root block device already exists!".into()));
+                }
+                match cfg.drives.iter_mut().find(|x| x.drive_id == d.drive_id) {
+                    Some(existing) => *existing = d,
+                    None => cfg.drives.push(d),
+                }
+            }
+            VmmAction::UpdateDrive(p) => {
+                if self.started() {
+                    let path = p.path_on_host.as_ref().ok_or_else(|| {
+                        ActionError::Invalid("only path_on_host can be updated on a running microVM".into())
+                    })?;
+                    if p.rate_limiter.is_some() {
+                        return Err(ActionError::Invalid("rate limiters are not supported yet".into()));
+                    }
+                    self.running()?.update_drive(&p.drive_id, path).map_err(ActionError::Runtime)?;
+                    let mut cfg = lock(&self.config);
+                    if let Some(d) = cfg.drives.iter_mut().find(|d| d.drive_id == p.drive_id) {
+                        d.path_on_host = Some(path.clone());
+                    }
+                } else {
+                    let mut cfg = lock(&self.config);
+                    let d = cfg.drives.iter_mut().find(|d| d.drive_id == p.drive_id).ok_or_else(|| {
+                        ActionError::Invalid(format!("Could not find a drive with id {}", p.drive_id))
+                    })?;
+                    if let Some(path) = p.path_on_host {
+                        d.path_on_host = Some(path);
+                    }
+                    if p.rate_limiter.is_some() {
+                        d.rate_limiter = p.rate_limiter;
+                    }
+                }
+            }
+            VmmAction::SetMachineConfig(m) => self.pre_boot()?.machine_config = Some(m),
+            VmmAction::UpdateMachineConfig(u) => {
+                let mut cfg = self.pre_boot()?;
+                let mut m = cfg.machine_config.clone().unwrap_or_else(default_machine_config);
+                if let Some(v) = u.vcpu_count {
+                    m.vcpu_count = v;
+                }
+                if let Some(v) = u.mem_size_mib {
+                    m.mem_size_mib = v;
+                }
+                if let Some(v) = u.smt {
+                    m.smt = v;
+                }
+                if let Some(v) = u.cpu_template {
+                    m.cpu_template = Some(v);
+                }
+                if let Some(v) = u.track_dirty_pages {
+                    m.track_dirty_pages = v;
+                }
+                if let Some(v) = u.huge_pages {
+                    m.huge_pages = v;
+                }
+                cfg.machine_config = Some(m);
+            }
+            VmmAction::SetEntropy(e) => self.pre_boot()?.entropy = Some(e),
+            VmmAction::GetMachineConfig => {
+                let m = lock(&self.config).machine_config.clone().unwrap_or_else(default_machine_config);
+                return Ok(ActionOutput::MachineConfig(m));
+            }
+            VmmAction::GetVmConfig => {
+                let mut cfg = lock(&self.config).clone();
+                cfg.machine_config.get_or_insert_with(default_machine_config);
+                return Ok(ActionOutput::VmConfig(Box::new(cfg)));
+            }
+            VmmAction::Start => self.start()?,
+            VmmAction::Pause => {
+                if !self.running()?.pause() {
+                    return Err(ActionError::Runtime("the vCPUs did not pause within a second".into()));
+                }
+            }
+            VmmAction::Resume => self.running()?.resume(),
+            VmmAction::SendCtrlAltDel => self.running()?.send_ctrl_alt_del().map_err(ActionError::Runtime)?,
+        }
+        Ok(ActionOutput::Done)
+    }
+
+    fn start(&self) -> Result<(), ActionError> {
+        let mut state = lock(&self.state);
+        if !matches!(*state, State::NotStarted) {
+            return Err(ActionError::StartedTwice);
+        }
+        let cfg = lock(&self.config).clone();
+        let res = VmResources::from_config(&cfg, resources::host_memory_mib())
+            .map_err(|e| ActionError::Start(e.to_string()))?;
+        let opts = lock(&self.opts).take().ok_or(ActionError::StartedTwice)?;
+        let fail =
+            |e: &dyn std::error::Error, opts: ControllerOptions, slot: &Mutex<Option<ControllerOptions>>| {
+                *lock(slot) = Some(opts);
+                ActionError::Start(crate::error_chain(e))
+            };
+        let backends = match builder::open_backends(&res) {
+            Ok(b) => b,
+            Err(e) => return Err(fail(&e, opts, &self.opts)),
+        };
+        if kvm_host::host_is_pvm() && !opts.allow_pvm {
+            *lock(&self.opts) = Some(opts);
+            return Err(ActionError::Start(kvm_host::PVM_EXPLANATION.into()));
+        }
+        let host = match KvmHost::open() {
+            Ok(h) => h,
+            Err(e) => return Err(fail(&e, opts, &self.opts)),
+        };
+        let ControllerOptions { start, serial_out, serial_in, exit_tx, .. } = opts;
+        let vmm =
+            builder::build_microvm(&res, backends, &host, BuildOptions { serial_out, serial_in, start })
+                .map_err(|e| ActionError::Start(crate::error_chain(&e)))?;
+        *state = State::Running(vmm.handle());
+        std::thread::Builder::new()
+            .name("kiln_vmm".into())
+            .spawn(move || {
+                let code = match vmm.run() {
+                    Ok(VmExit::GuestStopped(why)) => {
+                        tracing::info!("VM stopped: {why}");
+                        exit_code::OK
+                    }
+                    Ok(VmExit::Failed(why)) => {
+                        tracing::error!("VM failed: {why}");
+                        exit_code::VM_FAILED
+                    }
+                    Err(e) => {
+                        tracing::error!("VMM failed: {}", crate::error_chain(&e));
+                        exit_code::VMM_ERROR
+                    }
+                };
+                let _ = exit_tx.send(code);
+            })
+            .map_err(|e| ActionError::Start(format!("cannot start the VMM thread: {e}")))?;
+        Ok(())
+    }
+}
+
+fn default_machine_config() -> MachineConfiguration {
+    MachineConfiguration {
+        vcpu_count: DEFAULT_VCPUS,
+        mem_size_mib: DEFAULT_MEM_MIB,
+        smt: false,
+        cpu_template: None,
+        track_dirty_pages: false,
+        huge_pages: Default::default(),
+    }
+}
