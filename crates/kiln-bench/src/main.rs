@@ -1,0 +1,350 @@
+//! `kiln-bench`: Kiln's benchmarks (run through the `bench/` wrappers).
+//!
+//! Owns: measuring kiln-vmm side by side with other VMMs — QEMU `-M microvm` and, when
+//! `FIRECRACKER_BIN` is set, Firecracker — on the same kernel, initramfs, command line, vCPUs and
+//! memory, inside one lab run (`kiln-lab`), interleaved so drift hits every VMM alike; summarising
+//! (min / median / max, ratios of medians) and printing a table or the Markdown section for
+//! `docs/benchmarks.md`. `boot` is the boot benchmark; `probe` is its helper that runs inside the lab
+//! around one VMM process.
+//!
+//! Must not: link or drive kiln-vmm's internals (it runs the release binary like a user would),
+//! compare absolute lab times with hardware numbers (only same-run ratios mean anything there), or
+//! change what it measures per VMM (every VMM goes through the same probe code).
+
+mod host;
+mod lab;
+mod probe;
+mod report;
+mod smaps;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "kiln-bench", about = "Kiln benchmarks (see docs/benchmarks.md)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Boot benchmark: kiln-vmm vs QEMU microvm (vs Firecracker) in one lab run, plus kiln-vmm's
+    /// start -> first KVM_RUN on the host's /dev/kvm.
+    Boot(BootArgs),
+    /// (Runs inside the lab.) Runs one VMM, timestamps the guest's marker line, samples smaps.
+    #[command(hide = true)]
+    Probe(ProbeArgs),
+}
+
+#[derive(Args, Debug)]
+struct BootArgs {
+    /// Boots per VMM (boot-time runs).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Memory runs per VMM (guest sleeps while smaps is sampled); default: same as --runs.
+    #[arg(long)]
+    mem_runs: Option<usize>,
+    /// Host runs of the start -> first KVM_RUN measurement.
+    #[arg(long, default_value_t = 20)]
+    host_runs: usize,
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u64,
+    /// Extra kernel parameter for every VMM (repeatable), e.g. `--kernel-arg quiet`.
+    #[arg(long = "kernel-arg", value_name = "ARG")]
+    kernel_args: Vec<String>,
+    /// kiln-vmm binary (default: `kiln-vmm` next to this program, i.e. target/release).
+    #[arg(long, value_name = "PATH")]
+    kiln_vmm: Option<PathBuf>,
+    /// QEMU binary carried into the lab.
+    #[arg(long, value_name = "PATH", default_value = "/usr/bin/qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Kill one VMM run after this many seconds.
+    #[arg(long, default_value_t = 240)]
+    boot_timeout_secs: u64,
+    /// Skip the host part.
+    #[arg(long)]
+    no_host: bool,
+    /// Skip the lab part.
+    #[arg(long)]
+    no_lab: bool,
+    /// Print the Markdown section for docs/benchmarks.md instead of the table.
+    #[arg(long)]
+    markdown: bool,
+    /// Also write every run's raw probe output (JSON) here.
+    #[arg(long, value_name = "PATH")]
+    raw: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ProbeArgs {
+    #[arg(long, default_value = lab::MARKER)]
+    marker: String,
+    #[arg(long, default_value_t = 128)]
+    guest_mem_mib: u64,
+    #[arg(long)]
+    mem_sample_after_ms: Option<u64>,
+    #[arg(long, default_value_t = 240)]
+    timeout_secs: u64,
+    /// The VMM's command line.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Probe(a) => {
+            let r = probe::run(&probe::ProbeOptions {
+                marker: a.marker,
+                mem_sample_after: a.mem_sample_after_ms.map(Duration::from_millis),
+                guest_mem_mib: a.guest_mem_mib,
+                timeout: Duration::from_secs(a.timeout_secs),
+                command: a.command,
+            })?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
+        Cmd::Boot(a) => boot(&a),
+    }
+}
+
+/// The repository root (this crate lives in `crates/kiln-bench`).
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Runs `scripts/guest-assets` and reads `KILN_VMLINUX=` / `KILN_INITRAMFS=` from its stdout.
+fn guest_assets() -> Result<lab::Assets> {
+    let script = repo_root().join("scripts/guest-assets");
+    let o = Command::new(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !o.status.success() {
+        bail!("{} failed ({})", script.display(), o.status);
+    }
+    let text = String::from_utf8_lossy(&o.stdout);
+    let get = |key: &str| -> Result<PathBuf> {
+        let v = text
+            .lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+            .with_context(|| format!("no {key}= line in the output of {}", script.display()))?;
+        Ok(PathBuf::from(unquote(v.trim())))
+    };
+    Ok(lab::Assets { vmlinux: get("KILN_VMLINUX")?, initramfs: get("KILN_INITRAMFS")? })
+}
+
+/// Undoes shell single-quoting (`'a'\''b'` → `a'b`); plain words pass through.
+fn unquote(v: &str) -> String {
+    if !v.contains('\'') {
+        return v.to_string();
+    }
+    let mut out = String::new();
+    let mut in_quote = false;
+    let mut chars = v.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => in_quote = !in_quote,
+            '\\' if !in_quote => {
+                if let Some(n) = chars.next() {
+                    out.push(n);
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn cmd_line(prog: &str, args: &[&str]) -> Option<String> {
+    let o = Command::new(prog).args(args).output().ok()?;
+    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+fn boot(a: &BootArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("finding this program")?;
+    let kiln_vmm = match &a.kiln_vmm {
+        Some(p) => p.clone(),
+        None => exe.parent().context("program has no directory")?.join("kiln-vmm"),
+    };
+    if !kiln_vmm.is_file() {
+        bail!(
+            "{} not found: build it (cargo build --release -p kiln-vmm) or pass --kiln-vmm",
+            kiln_vmm.display()
+        );
+    }
+    let firecracker = std::env::var_os("FIRECRACKER_BIN").map(PathBuf::from);
+    if let Some(fc) = &firecracker {
+        if !fc.is_file() {
+            bail!("FIRECRACKER_BIN={} is not a file", fc.display());
+        }
+    }
+    let mem_runs = a.mem_runs.unwrap_or(a.runs);
+
+    // Host part first: it is quick and needs no lab.
+    let host = if a.no_host {
+        report::HostPart::Skipped("--no-host".into())
+    } else if let Some(why) = host::unavailable() {
+        eprintln!("kiln-bench: host part skipped: {why}");
+        report::HostPart::Skipped(why)
+    } else {
+        eprintln!("kiln-bench: host: {} x kiln-vmm start -> first KVM_RUN", a.host_runs);
+        match host::run(&kiln_vmm, a.host_runs) {
+            Ok(runs) => report::host_part(&runs),
+            Err(e) => {
+                eprintln!("kiln-bench: host part failed: {e:#}");
+                report::HostPart::Failed(format!("{e:#}"))
+            }
+        }
+    };
+
+    let args: Vec<String> = std::env::args().skip(2).map(|w| lab::sh_quote(&w)).collect();
+    let mut setup = vec![
+        (
+            "command".to_string(),
+            format!("`bench/boot{}{}`", if args.is_empty() { "" } else { " " }, args.join(" ")),
+        ),
+        ("date".into(), cmd_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default()),
+        (
+            "host".into(),
+            format!(
+                "{} x {}, Linux {}, /dev/kvm = {}",
+                cmd_line("nproc", &[]).unwrap_or_default(),
+                cpu_model(),
+                cmd_line("uname", &["-r"]).unwrap_or_default(),
+                if Path::new("/sys/module/kvm_pvm").exists() { "PVM" } else { "hardware KVM" }
+            ),
+        ),
+        (
+            "kiln".into(),
+            format!(
+                "git {}, kiln-vmm release build",
+                cmd_line("git", &["-C", &repo_root().to_string_lossy(), "describe", "--always", "--dirty"])
+                    .unwrap_or_else(|| "?".into())
+            ),
+        ),
+    ];
+
+    let (vmms, metrics, failures, lab_boot_s, lab_total_s, raw_runs) = if a.no_lab {
+        (vec![], vec![], vec![], None, None, vec![])
+    } else {
+        let assets = guest_assets()?;
+        let plan = lab::LabPlan {
+            kiln_vmm: kiln_vmm.clone(),
+            firecracker,
+            qemu: a.qemu.clone(),
+            assets,
+            runs: a.runs,
+            mem_runs,
+            vcpus: a.vcpus,
+            mem_mib: a.mem_mib,
+            kernel_args: a.kernel_args.clone(),
+            mem_sleep_secs: 3,
+            mem_sample_after: Duration::from_millis(1000),
+            boot_timeout: Duration::from_secs(a.boot_timeout_secs),
+        };
+        setup.push((
+            "lab".into(),
+            "QEMU/TCG `-M pc -cpu max -smp 2` (nested SVM, nested paging) with Debian's kernel + kvm_amd; \
+             absolute lab times are ~50-100x hardware, only same-run ratios mean anything"
+                .into(),
+        ));
+        setup.push((
+            "guest".into(),
+            format!(
+                "{} (PVH ELF) + {} (busybox), {} vCPU, {} MiB, same for every VMM",
+                plan.assets.vmlinux.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+                plan.assets
+                    .initramfs
+                    .file_name()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                a.vcpus,
+                a.mem_mib
+            ),
+        ));
+        setup.push((
+            "kernel cmdline".into(),
+            format!("`{}` (QEMU: `reboot=t`, no i8042)", plan.cmdline(lab::Vmm::Kiln, lab::Kind::Boot)),
+        ));
+        setup.push((
+            "VMMs".into(),
+            plan.vmms()
+                .iter()
+                .map(|v| format!("{}: `{}`", v.label(), plan.vmm_command(*v, lab::Kind::Boot).join(" ")))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ));
+        setup.push((
+            "runs".into(),
+            format!(
+                "{} boots + {} memory runs per VMM, interleaved ({}), in one lab run",
+                a.runs,
+                mem_runs,
+                plan.vmms().iter().map(|v| v.label()).collect::<Vec<_>>().join(", ")
+            ),
+        ));
+        eprintln!(
+            "kiln-bench: lab: {} steps ({} boots + {} memory runs x {} VMMs); this takes a few minutes",
+            plan.steps().len(),
+            a.runs,
+            mem_runs,
+            plan.vmms().len()
+        );
+        let out = plan.run(&exe)?;
+        let (vmms, metrics, failures) = report::lab_metrics(&plan, &out);
+        let raw: Vec<serde_json::Value> = out
+            .runs
+            .iter()
+            .map(|r| match &r.outcome {
+                Ok(p) => serde_json::json!({"name": r.name, "vmm": r.vmm, "kind": r.kind, "probe": p}),
+                Err(e) => serde_json::json!({"name": r.name, "vmm": r.vmm, "kind": r.kind, "error": e}),
+            })
+            .collect();
+        (vmms, metrics, failures, Some(out.lab_boot.as_secs_f64()), Some(out.total.as_secs_f64()), raw)
+    };
+    if let Some(p) = &a.raw {
+        std::fs::write(p, serde_json::to_vec_pretty(&raw_runs)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    let results = report::Results { vmms, metrics, failures, host, lab_boot_s, lab_total_s, setup };
+    if a.markdown {
+        print!("{}", results.markdown());
+    } else {
+        print!("{}", results.human());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unquotes() {
+        assert_eq!(unquote("/a/b"), "/a/b");
+        assert_eq!(unquote("'/a b/c'"), "/a b/c");
+        assert_eq!(unquote(r"'it'\''s'"), "it's");
+    }
+}
