@@ -131,6 +131,8 @@ pub struct I8042Device {
     /// Scan code set the keyboard was told to use (1, 2 or 3).
     scancode_set: u8,
     buf: VecDeque<u8>,
+    /// Reset pulses seen; Linux pulses several times while the VMM is stopping the VM.
+    resets: u32,
 }
 
 impl std::fmt::Debug for I8042Device {
@@ -158,6 +160,7 @@ impl I8042Device {
             pending: Pending::None,
             scancode_set: 2,
             buf: VecDeque::with_capacity(BUF_SIZE),
+            resets: 0,
         }
     }
 
@@ -220,7 +223,12 @@ impl I8042Device {
     }
 
     fn reset(&mut self) {
-        tracing::info!("i8042: guest pulsed the reset line");
+        self.resets += 1;
+        if self.resets == 1 {
+            tracing::info!("i8042: guest pulsed the reset line");
+        } else {
+            tracing::debug!("i8042: guest pulsed the reset line again ({} times)", self.resets);
+        }
         if let Err(e) = self.reset_evt.write(1) {
             tracing::error!("i8042: failed to signal the reset event: {e}");
         }
