@@ -185,14 +185,19 @@ pub fn build_microvm(
         }
     }
 
+    let t0 = std::time::Instant::now();
+    let phase = |what: &str| tracing::debug!("build: {what} at +{} us", t0.elapsed().as_micros());
     let vm = host.kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    phase("KVM_CREATE_VM");
     vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
     vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    phase("irqchip and PIT");
 
     let mem = create_guest_memory(mem_bytes, res.huge_pages_2m)?;
     register_memory(&vm, &mem)?;
+    phase("guest memory");
 
     // Legacy devices.
     let mut pio = Bus::new();
@@ -250,6 +255,7 @@ pub fn build_microvm(
         announced.push((addr, layout::VIRTIO_MMIO_SIZE, irq));
     }
 
+    phase("devices");
     // Kernel, initrd, command line, boot structures.
     let kernel = loader::load_kernel(&mem, &res.kernel)?;
     let initrd = match &res.initrd {
@@ -282,6 +288,7 @@ pub fn build_microvm(
         res.mem_size_mib
     );
 
+    phase("kernel and boot structures");
     let topo = Topology { vcpus: res.vcpu_count, threads_per_core: if res.smt { 2 } else { 1 } };
     let mut vcpus = Vec::with_capacity(res.vcpu_count.into());
     for id in 0..res.vcpu_count {
@@ -290,6 +297,7 @@ pub fn build_microvm(
         vcpus.push(fd);
     }
 
+    phase("vCPUs");
     Ok(Vmm::new(
         vm,
         mem,

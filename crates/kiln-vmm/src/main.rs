@@ -263,7 +263,9 @@ fn run(start: StartTime) -> Result<i32, Failure> {
     if kvm_host::host_is_pvm() && !args.allow_pvm {
         return Err(fail(exit_code::KVM_UNAVAILABLE, kvm_host::PVM_EXPLANATION));
     }
+    tracing::debug!("config and backends ready at +{} us", start.wall.elapsed().as_micros());
     let host = KvmHost::open().map_err(|e| fail(exit_code::KVM_UNAVAILABLE, chain(&e)))?;
+    tracing::debug!("KVM capabilities read at +{} us", start.wall.elapsed().as_micros());
 
     let serial_out: Box<dyn Write + Send> = match &res.serial {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
