@@ -6,6 +6,7 @@
 //!   file the host then reads out of the image, fails to write the read-only drive, reads the hwrng,
 //!   reads the drive's serial (device ID), and reboots: kiln-vmm exits 0.
 //! - bzImage + initramfs, 1 vCPU, 128 MiB: same checks of CPU and memory, reboot, exit 0.
+//! - the same without a command: the guest's shell reads what is typed into kiln-vmm's stdin.
 //!
 //! Lab tests need only QEMU, so they always run.
 #![allow(clippy::unwrap_used)]
@@ -96,6 +97,15 @@ fn kiln_vmm_boots_linux_in_the_lab() {
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}
     });
 
+    let interactive = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": "/lab/bzImage",
+            "initrd_path": "/lab/initramfs.cpio.gz",
+            "boot_args": BOOT_ARGS
+        },
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}
+    });
+
     let vmm = "kiln-vmm --no-api --no-stdin --config-file";
     let report = kiln_lab::Lab::new()
         .unwrap()
@@ -105,11 +115,18 @@ fn kiln_vmm_boots_linux_in_the_lab() {
         .file(&assets.initramfs, "/lab/initramfs.cpio.gz")
         .file_bytes(serde_json::to_vec(&pvh).unwrap(), "/lab/pvh.json", 0o644)
         .file_bytes(serde_json::to_vec(&bz).unwrap(), "/lab/bz.json", 0o644)
+        .file_bytes(serde_json::to_vec(&interactive).unwrap(), "/lab/interactive.json", 0o644)
         .disk(&root)
         .disk(&scratch)
         .timeout(Duration::from_secs(900))
         .step("pvh", &format!("{vmm} /lab/pvh.json"))
         .step("bzimage", &format!("{vmm} /lab/bz.json"))
+        // Typed input, more than the UART's 64-byte FIFO, reaches the guest's shell in order.
+        .step(
+            "stdin",
+            "printf 'echo typed-$((6*7))-%s\\nexit\\n' $(seq -s - 1 40) | \
+             kiln-vmm --no-api --config-file /lab/interactive.json",
+        )
         .run()
         .unwrap();
 
@@ -152,4 +169,13 @@ fn kiln_vmm_boots_linux_in_the_lab() {
     let mem = mem_total_kib(&out);
     assert!((90 * 1024..=128 * 1024).contains(&mem), "MemTotal {mem} kB for a 128 MiB VM\n{ctx}");
     assert!(out.contains("KILN-GUEST-EXIT 0"), "{ctx}");
+
+    // Serial input: the shell ran what was typed (the echo of the command line shows the literal
+    // `$((6*7))`; only the shell's output has 42) and exited, and the guest rebooted.
+    let s = report.step("stdin").unwrap();
+    let (out, err) = (s.stdout_str(), s.stderr_str());
+    let ctx = format!("--- stdout\n{out}\n--- stderr\n{err}");
+    assert_eq!(s.exit_code, 0, "{ctx}");
+    let expected = format!("typed-42-{}", (1..=40).map(|i| i.to_string()).collect::<Vec<_>>().join("-"));
+    assert!(out.lines().any(|l| l.trim() == expected), "{ctx}");
 }

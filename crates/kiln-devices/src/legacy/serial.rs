@@ -52,6 +52,12 @@ impl SerialEvents for InputEvents {
     }
 }
 
+/// Register offsets and bits tracked here (the rest is vm-superio's).
+const REG_IER: u64 = 1;
+const REG_LCR: u64 = 3;
+const LCR_DLAB: u8 = 0x80;
+const IER_RDI: u8 = 0x01;
+
 type Uart = Serial<IrqAdapter, InputEvents, Box<dyn Write + Send>>;
 
 /// COM1 as a [`BusDevice`]. Insert it on the PIO bus at [`COM1_PIO_BASE`] with length
@@ -60,6 +66,11 @@ pub struct SerialDevice {
     uart: Uart,
     /// Whether the last output write failed; used to log a failing writer once, not per byte.
     out_broken: bool,
+    /// Line control and interrupt enable registers as the guest last wrote them. Input is only
+    /// accepted once the guest's driver listens (IER "received data available" set): Linux's 8250
+    /// driver clears the FIFO when it starts the port, so bytes queued earlier would be lost.
+    lcr: u8,
+    ier: u8,
 }
 
 impl std::fmt::Debug for SerialDevice {
@@ -90,13 +101,13 @@ impl SerialDevice {
 
     fn build(irq: Arc<dyn IrqTrigger>, out: Box<dyn Write + Send>, evt: Option<EventFd>) -> Self {
         let events = InputEvents { input_drained: evt };
-        Self { uart: Serial::with_events(IrqAdapter(irq), events, out), out_broken: false }
+        Self { uart: Serial::with_events(IrqAdapter(irq), events, out), out_broken: false, lcr: 0, ier: 0 }
     }
 
     /// Queues bytes for the guest to read. Returns how many were accepted: at most
     /// [`Self::input_space`], so the FIFO never grows past the UART's 64 bytes.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
-        let n = bytes.len().min(self.uart.fifo_capacity());
+        let n = bytes.len().min(self.input_space());
         if n == 0 {
             return 0;
         }
@@ -114,8 +125,12 @@ impl SerialDevice {
         }
     }
 
-    /// Free space in the input FIFO, in bytes.
+    /// Free space in the input FIFO, in bytes; 0 until the guest enables the receive interrupt, so
+    /// input waits on the host side instead of being cleared away by the guest's driver.
     pub fn input_space(&self) -> usize {
+        if self.ier & IER_RDI == 0 {
+            return 0;
+        }
         self.uart.fifo_capacity()
     }
 }
@@ -132,6 +147,11 @@ impl BusDevice for SerialDevice {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if data.len() != 1 || offset >= SERIAL_PIO_LEN {
             return;
+        }
+        match offset {
+            REG_LCR => self.lcr = data[0],
+            REG_IER if self.lcr & LCR_DLAB == 0 => self.ier = data[0],
+            _ => {}
         }
         match self.uart.write(offset as u8, data[0]) {
             Ok(()) => {
@@ -247,11 +267,31 @@ mod tests {
     }
 
     #[test]
+    fn input_waits_until_the_guest_listens() {
+        let irq = Arc::new(CountingIrq::default());
+        let mut dev = SerialDevice::new(irq, Box::new(io::sink()));
+        assert_eq!(dev.input_space(), 0, "no driver yet: input stays on the host");
+        assert_eq!(dev.enqueue_input(b"early"), 0);
+        // With DLAB set, offset 1 is the divisor latch, not IER.
+        dev.write(3, &[0x80]);
+        dev.write(IER, &[0x01]);
+        assert_eq!(dev.input_space(), 0);
+        dev.write(3, &[0x03]);
+        dev.write(IER, &[0x01]);
+        assert_eq!(dev.input_space(), 64);
+        assert_eq!(dev.enqueue_input(b"now"), 3);
+        // The driver masking receive interrupts stops input again.
+        dev.write(IER, &[0x02]);
+        assert_eq!(dev.input_space(), 0);
+    }
+
+    #[test]
     fn drained_fifo_signals_event() {
         let irq = Arc::new(CountingIrq::default());
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut dev =
             SerialDevice::with_input_drained_evt(irq, Box::new(io::sink()), evt.try_clone().unwrap());
+        dev.write(IER, &[0x01]);
         assert_eq!(dev.enqueue_input(b"ab"), 2);
         let mut b = [0u8];
         dev.read(0, &mut b);
