@@ -1,0 +1,1 @@
+//! TODO: virtio-balloon (being written).

@@ -1,0 +1,1 @@
+//! TODO: virtio-net (being written).

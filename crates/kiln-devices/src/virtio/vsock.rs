@@ -1,0 +1,1 @@
+//! TODO: virtio-vsock (being written).
