@@ -180,6 +180,27 @@ impl MmioTransport {
         }
     }
 
+    /// A host fd the device listed in [`VirtioDevice::host_fds`] is readable: forwards to the
+    /// device if it is active, with the same needs-reset handling as queue notifications.
+    pub fn host_event(&mut self, token: u32) {
+        if self.broken || self.status & DEVICE_NEEDS_RESET != 0 || !self.device.is_activated() {
+            return;
+        }
+        self.device.process_host_event(token);
+        if self.device.needs_reset() {
+            self.mark_needs_reset("the device reported an unrecoverable error");
+        }
+    }
+
+    /// The host fds the device wants watched (empty while it is not active).
+    pub fn host_fds(&self) -> Vec<(std::os::unix::io::RawFd, u32)> {
+        if self.device.is_activated() {
+            self.device.host_fds()
+        } else {
+            Vec::new()
+        }
+    }
+
     /// The device status register.
     pub fn status(&self) -> u32 {
         self.status

@@ -77,4 +77,15 @@ pub trait VirtioDevice: Send {
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
         None
     }
+    /// Host-side file descriptors this device wants watched for readability (a tap, a listening
+    /// socket, connections, a timerfd), each with a device-chosen token. The VMM's event loop
+    /// re-reads this set after every call into the device (activation, queue notifications, host
+    /// events) and adds/removes fds to match, so the set may change at any of those points. The
+    /// device keeps ownership of the fds; a listed fd must stay open until it is no longer listed.
+    fn host_fds(&self) -> Vec<(std::os::unix::io::RawFd, u32)> {
+        Vec::new()
+    }
+    /// The fd listed with `token` is readable (or hung up). Must not block: fds should be
+    /// non-blocking. Called only while activated.
+    fn process_host_event(&mut self, _token: u32) {}
 }
