@@ -306,7 +306,13 @@ impl LabRun {
         let ctx =
             || format!("\n--- console tail\n{}\n--- VMM stderr tail\n{}", p.console_tail, p.stderr_tail);
         if p.timed_out {
-            return Some(format!("timed out, killed{}", ctx()));
+            let last =
+                p.console_tail.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("(nothing)");
+            return Some(format!(
+                "timed out after {:.0} s and killed; the console's last line: `{last}`{}",
+                p.wall_us as f64 / 1e6,
+                ctx()
+            ));
         }
         if p.exit_code != Some(0) {
             return Some(format!("VMM exited with {:?}{}", p.exit_code, ctx()));

@@ -68,8 +68,9 @@ struct BootArgs {
     /// QEMU binary carried into the lab.
     #[arg(long, value_name = "PATH", default_value = "/usr/bin/qemu-system-x86_64")]
     qemu: PathBuf,
-    /// Kill one VMM run after this many seconds.
-    #[arg(long, default_value_t = 240)]
+    /// Kill one VMM run after this many seconds (a lab boot takes ~3-10 s; the run then counts as
+    /// failed and is listed).
+    #[arg(long, default_value_t = 90)]
     boot_timeout_secs: u64,
     /// Skip the host part.
     #[arg(long)]
@@ -77,7 +78,7 @@ struct BootArgs {
     /// Skip the lab part.
     #[arg(long)]
     no_lab: bool,
-    /// Print the Markdown section for docs/benchmarks.md instead of the table.
+    /// Print the Markdown section for docs/benchmarks.md on stdout (the table then goes to stderr).
     #[arg(long)]
     markdown: bool,
     /// Also write every run's raw probe output (JSON) here.
@@ -292,7 +293,17 @@ fn boot(a: &BootArgs) -> Result<()> {
             "VMMs".into(),
             plan.vmms()
                 .iter()
-                .map(|v| format!("{}: `{}`", v.label(), plan.vmm_command(*v, lab::Kind::Boot).join(" ")))
+                .map(|v| {
+                    format!(
+                        "{}: `{}`",
+                        v.label(),
+                        plan.vmm_command(*v, lab::Kind::Boot)
+                            .iter()
+                            .map(|w| lab::sh_quote(w))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join("; "),
         ));
@@ -330,6 +341,8 @@ fn boot(a: &BootArgs) -> Result<()> {
     }
     let results = report::Results { vmms, metrics, failures, host, lab_boot_s, lab_total_s, setup };
     if a.markdown {
+        // The table goes to stderr too, for whoever watches the run.
+        eprint!("{}", results.human());
         print!("{}", results.markdown());
     } else {
         print!("{}", results.human());
