@@ -234,6 +234,7 @@ pub fn build_microvm(
     let mut announced = Vec::new();
     let mut notifiers = Vec::new();
     let mut drives = Vec::new();
+    let mut transports = Vec::new();
     for (i, (drive_id, dev)) in virtio.into_iter().enumerate() {
         let addr = layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE;
         let irq = layout::IRQ_VIRTIO_FIRST + i as u32;
@@ -252,6 +253,7 @@ pub fn build_microvm(
         if let Some(id) = drive_id {
             drives.push((id, transport.clone()));
         }
+        transports.push(transport.clone());
         announced.push((addr, layout::VIRTIO_MMIO_SIZE, irq));
     }
 
@@ -312,6 +314,7 @@ pub fn build_microvm(
             reset_evt,
             notifiers,
             drives,
+            virtio: transports,
         },
         opts.start.wall,
     ))

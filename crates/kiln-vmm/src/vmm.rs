@@ -25,6 +25,11 @@ const TOKEN_VCPU: u64 = 1;
 const TOKEN_SERIAL_DRAINED: u64 = 2;
 const TOKEN_STDIN: u64 = 3;
 const TOKEN_QUEUE_BASE: u64 = 16;
+/// Host fds of virtio devices: this bit, the device index in bits 32..48, the device's token below.
+const TOKEN_HOST_FD: u64 = 1 << 62;
+/// How often device host-fd sets are re-read even without device activity (covers activation,
+/// which happens on a vCPU thread).
+const HOST_FD_RESYNC_MS: i32 = 200;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -60,6 +65,45 @@ pub struct VmmDevices {
     pub notifiers: Vec<QueueNotifier>,
     /// Block devices by drive id, for swapping their backing files at run time.
     pub drives: Vec<(String, Arc<Mutex<MmioTransport>>)>,
+    /// Every virtio device, in attach order (index = device index in host-fd tokens).
+    pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+/// The host fds each virtio device has registered in the event loop.
+#[derive(Default)]
+struct HostFdRegistry {
+    registered: Vec<std::collections::HashMap<i32, u32>>,
+}
+
+impl HostFdRegistry {
+    /// Makes epoll watch exactly the fds device `dev` lists now.
+    fn resync(&mut self, epoll: &Epoll, dev: usize, transport: &Mutex<MmioTransport>) {
+        if self.registered.len() <= dev {
+            self.registered.resize_with(dev + 1, Default::default);
+        }
+        let wanted: std::collections::HashMap<i32, u32> = lock(transport).host_fds().into_iter().collect();
+        let have = &mut self.registered[dev];
+        have.retain(|fd, token| {
+            if wanted.get(fd) == Some(token) {
+                return true;
+            }
+            // The fd may already be closed (then epoll forgot it by itself).
+            let _ = epoll.ctl(ControlOperation::Delete, *fd, EpollEvent::default());
+            false
+        });
+        for (fd, token) in wanted {
+            if have.contains_key(&fd) {
+                continue;
+            }
+            let data = TOKEN_HOST_FD | ((dev as u64) << 32) | u64::from(token);
+            match epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, data)) {
+                Ok(()) => {
+                    have.insert(fd, token);
+                }
+                Err(e) => tracing::warn!("virtio device {dev}: cannot watch fd {fd}: {e}"),
+            }
+        }
+    }
 }
 
 /// Control of a running VM from other threads (the API): pause, resume, Ctrl-Alt-Del, drives.
@@ -238,17 +282,29 @@ impl Vmm {
         }
         let mut stdin_open = stdin_watched;
 
+        let mut host_fds = HostFdRegistry::default();
+        let devices = self.devices.virtio.clone();
+        for (d, t) in devices.iter().enumerate() {
+            host_fds.resync(&epoll, d, t);
+        }
+
         let mut events = vec![EpollEvent::default(); 32];
         loop {
-            // A periodic wake-up covers a FIFO that drained while stdin was unwatched.
-            let timeout = if stdin_open && !stdin_watched { 50 } else { -1 };
+            // A periodic wake-up covers a FIFO that drained while stdin was unwatched, and device
+            // host-fd sets that changed on a vCPU thread (activation).
+            let timeout = if stdin_open && !stdin_watched { 50 } else { HOST_FD_RESYNC_MS };
             let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(VmmError::EventLoop(e)),
             };
-            if n == 0 && stdin_open && !stdin_watched && lock(&self.devices.serial).input_space() > 0 {
-                stdin_watched = add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
+            if n == 0 {
+                if stdin_open && !stdin_watched && lock(&self.devices.serial).input_space() > 0 {
+                    stdin_watched = add(libc::STDIN_FILENO, TOKEN_STDIN).is_ok();
+                }
+                for (d, t) in devices.iter().enumerate() {
+                    host_fds.resync(&epoll, d, t);
+                }
             }
             for ev in &events[..n] {
                 match ev.data() {
@@ -285,11 +341,21 @@ impl Vmm {
                             stdin_open = state == StdinState::FifoFull;
                         }
                     }
+                    t if t & TOKEN_HOST_FD != 0 => {
+                        let dev = ((t >> 32) & 0xffff) as usize;
+                        if let Some(transport) = devices.get(dev) {
+                            lock(transport).host_event(t as u32);
+                            host_fds.resync(&epoll, dev, transport);
+                        }
+                    }
                     t => {
                         let i = (t - TOKEN_QUEUE_BASE) as usize;
                         if let Some(n) = self.devices.notifiers.get(i) {
                             let _ = n.evt.read();
                             lock(&n.transport).notify_queue(n.queue);
+                            if let Some(dev) = devices.iter().position(|d| Arc::ptr_eq(d, &n.transport)) {
+                                host_fds.resync(&epoll, dev, &n.transport);
+                            }
                         }
                     }
                 }
