@@ -10,13 +10,17 @@
 //! writable field).
 //!
 //! - Inflate: every chain carries arrays of little-endian u32 page frame numbers (4 KiB pages).
-//!   Each PFN whose page lies wholly inside guest RAM is released on the host with
-//!   `madvise(MADV_DONTNEED)` on its host address; contiguous pages (in guest and host address
-//!   space) are released with one call. Guest memory is private anonymous memory, so a released
-//!   page reads back as zeros and is faulted in again when the guest touches it. PFNs outside guest
-//!   RAM, write-only descriptors and descriptors whose length is not a multiple of 4 are skipped;
-//!   at most [`MAX_PFNS_PER_CHAIN`] PFNs are taken from one chain (Linux sends at most 256).
-//!   Every chain completes with used length 0.
+//!   Each PFN whose page lies wholly inside guest RAM is released on the host through its host
+//!   address; contiguous pages of one region (in guest and host address space) are released with
+//!   one call. How depends on the region's mapping: private anonymous memory (what the VMM
+//!   allocates) gets `madvise(MADV_DONTNEED)`; a private file mapping (a restored snapshot) gets
+//!   fresh anonymous memory mapped over the pages (`MAP_FIXED`), since MADV_DONTNEED would bring
+//!   the file's contents back; a shared mapping gets `MADV_REMOVE`, which frees the backing store
+//!   too; hugetlbfs memory cannot be released 4 KiB at a time and is left alone (one warning). In
+//!   all released cases the page reads back as zeros and is faulted in again when the guest
+//!   touches it. PFNs outside guest RAM, write-only descriptors and descriptors whose length is not
+//!   a multiple of 4 are skipped; at most [`MAX_PFNS_PER_CHAIN`] PFNs are taken from one chain
+//!   (Linux sends at most 256). Every chain completes with used length 0.
 //! - Deflate: nothing to do on the host (pages fault back in on access); chains complete at once.
 //! - Statistics (the virtio protocol): the driver posts one buffer of `{tag: u16, val: u64}`
 //!   entries (packed, 10 bytes each, little endian) at start. The device parses it and keeps the
@@ -233,16 +237,56 @@ struct Inflater {
     warned: bool,
 }
 
-/// A run of contiguous pages to release together.
-struct Run {
+/// How a guest memory region is mapped, which decides how its pages are released.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backing {
+    /// Private anonymous memory (what the VMM allocates): MADV_DONTNEED frees the pages and the
+    /// next access faults in zero pages.
+    PrivateAnon,
+    /// A private file mapping (a restored snapshot's memory file): MADV_DONTNEED would bring the
+    /// file's contents back, so the pages are replaced by fresh anonymous memory (mmap MAP_FIXED
+    /// over them, as Firecracker does for restored guests).
+    PrivateFile,
+    /// A shared mapping (shmem, memfd or a file): MADV_REMOVE frees the backing store too.
+    Shared,
+    /// hugetlbfs pages cannot be released 4 KiB at a time: nothing is done.
+    HugeTlb,
+}
+
+impl Backing {
+    fn of(region: &vm_memory::GuestRegionMmap<()>) -> Backing {
+        let flags = region.flags();
+        if flags & libc::MAP_HUGETLB != 0 {
+            Backing::HugeTlb
+        } else if flags & libc::MAP_SHARED != 0 {
+            Backing::Shared
+        } else if region.file_offset().is_some() {
+            Backing::PrivateFile
+        } else {
+            Backing::PrivateAnon
+        }
+    }
+}
+
+/// One 4 KiB guest page as the host maps it.
+struct HostPage {
     host: *mut u8,
+    /// Start of the guest memory region holding the page (runs never cross regions).
+    region: GuestAddress,
+    backing: Backing,
+    prot: i32,
+}
+
+/// A run of contiguous pages of one region, released together.
+struct Run {
+    page: HostPage,
     len: usize,
     last_pfn: u32,
 }
 
-/// Host address of the 4 KiB guest page `pfn`, if the whole page is guest RAM inside one mapping
-/// and the address is page aligned (madvise needs that).
-fn page_host_addr(mem: &GuestMemory, pfn: u32) -> Option<*mut u8> {
+/// The host mapping of 4 KiB guest page `pfn`, if the whole page is guest RAM inside one region
+/// and its host address is page aligned (madvise and mmap need that).
+fn host_page(mem: &GuestMemory, pfn: u32) -> Option<HostPage> {
     let gpa = GuestAddress(u64::from(pfn) << PFN_SHIFT);
     let (region, offset) = GuestMemoryBackend::to_region_addr(mem, gpa)?;
     let end = offset.raw_value().checked_add(BALLOON_PAGE_SIZE)?;
@@ -250,7 +294,10 @@ fn page_host_addr(mem: &GuestMemory, pfn: u32) -> Option<*mut u8> {
         return None;
     }
     let host = region.get_host_address(offset).ok()?;
-    (host as usize).is_multiple_of(BALLOON_PAGE_SIZE as usize).then_some(host)
+    if !(host as usize).is_multiple_of(BALLOON_PAGE_SIZE as usize) {
+        return None;
+    }
+    Some(HostPage { host, region: region.start_addr(), backing: Backing::of(region), prot: region.prot() })
 }
 
 impl Inflater {
@@ -298,19 +345,22 @@ impl Inflater {
         let pfns = std::mem::take(&mut self.pfns);
         let mut run: Option<Run> = None;
         for &pfn in &pfns {
-            let Some(host) = page_host_addr(mem, pfn) else {
+            let Some(page) = host_page(mem, pfn) else {
                 self.invalid_pfns += 1;
                 tracing::debug!("balloon: PFN {pfn:#x} is not guest RAM; skipped");
                 continue;
             };
             if let Some(r) = run.as_mut() {
-                if pfn.checked_sub(1) == Some(r.last_pfn) && r.host.wrapping_add(r.len) == host {
+                if pfn.checked_sub(1) == Some(r.last_pfn)
+                    && r.page.region == page.region
+                    && r.page.host.wrapping_add(r.len) == page.host
+                {
                     r.len += BALLOON_PAGE_SIZE as usize;
                     r.last_pfn = pfn;
                     continue;
                 }
             }
-            if let Some(done) = run.replace(Run { host, len: BALLOON_PAGE_SIZE as usize, last_pfn: pfn }) {
+            if let Some(done) = run.replace(Run { page, len: BALLOON_PAGE_SIZE as usize, last_pfn: pfn }) {
                 self.discard(&done);
             }
         }
@@ -321,28 +371,61 @@ impl Inflater {
     }
 
     fn discard(&mut self, run: &Run) {
-        // SAFETY: `run` covers whole pages that `page_host_addr` found inside guest memory
-        // mappings (contiguous in host address space), which stay mapped while `GuestMemory`
-        // lives. MADV_DONTNEED does not unmap anything: it drops the pages' contents, and the
-        // next access faults in zero-filled pages. Guest memory is only accessed through volatile
-        // accessors and raw pointers, never through Rust references that could observe the change.
-        let ret = unsafe { libc::madvise(run.host.cast(), run.len, libc::MADV_DONTNEED) };
-        if ret == 0 {
-            self.released_pages += (run.len as u64) / BALLOON_PAGE_SIZE;
+        let (host, len) = (run.page.host, run.len);
+        let result = match run.page.backing {
+            Backing::PrivateAnon => madvise(host, len, libc::MADV_DONTNEED),
+            Backing::Shared => madvise(host, len, libc::MADV_REMOVE),
+            Backing::PrivateFile => replace_with_anon(host, len, run.page.prot),
+            Backing::HugeTlb => Err(io::Error::other("guest memory is on huge pages")),
+        };
+        if let Err(err) = result {
+            if self.warned {
+                tracing::debug!("balloon: releasing {len} bytes of guest memory failed: {err}");
+            } else {
+                self.warned = true;
+                tracing::warn!(
+                    "balloon: releasing {len} bytes of guest memory failed: {err}; inflated memory is \
+                     not returned to the host (further failures are logged at debug level)"
+                );
+            }
             return;
         }
-        let err = io::Error::last_os_error();
-        if self.warned {
-            tracing::debug!("balloon: madvise(MADV_DONTNEED) of {} bytes failed: {err}", run.len);
-        } else {
-            self.warned = true;
-            tracing::warn!(
-                "balloon: madvise(MADV_DONTNEED) of {} bytes failed: {err}; inflated memory is not \
-                 returned to the host (further failures are logged at debug level)",
-                run.len
-            );
-        }
+        self.released_pages += (len as u64) / BALLOON_PAGE_SIZE;
     }
+}
+
+/// `madvise(2)` on whole pages of guest memory.
+fn madvise(host: *mut u8, len: usize, advice: i32) -> io::Result<()> {
+    // SAFETY: [host, host + len) is whole pages of one guest memory region (checked by
+    // `host_page`), which stays mapped while the `GuestMemory` the caller holds lives.
+    // MADV_DONTNEED / MADV_REMOVE do not unmap anything: they drop the pages' contents and the
+    // next access faults in zero pages. Guest memory is only accessed through volatile accessors
+    // and raw pointers, never through Rust references that could observe the change.
+    if unsafe { libc::madvise(host.cast(), len, advice) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Maps fresh private anonymous memory over whole pages of a private file-backed region.
+fn replace_with_anon(host: *mut u8, len: usize, prot: i32) -> io::Result<()> {
+    let flags = libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    // SAFETY: [host, host + len) is whole pages of one guest memory region (checked by
+    // `host_page`), a mapping the guest memory object owns and unmaps as a whole on drop, which
+    // also covers this replacement. MAP_FIXED swaps the pages atomically for zero pages with the
+    // region's protection, so the range stays mapped and valid; KVM follows the change through
+    // its MMU notifiers. Guest memory is only accessed through volatile accessors and raw
+    // pointers, never through Rust references that could observe the change.
+    let ret = unsafe { libc::mmap(host.cast(), len, prot, flags, -1, 0) };
+    if ret == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    if ret.cast::<u8>() != host {
+        // MAP_FIXED either maps at `host` or fails; anything else is a kernel bug.
+        return Err(io::Error::other("mmap(MAP_FIXED) mapped elsewhere"));
+    }
+    Ok(())
 }
 
 /// Reads the statistics entries of one buffer into `stats`. Returns how many entries were read.
@@ -1059,6 +1142,80 @@ mod tests {
         assert_eq!(h.page(0x1ff), Some(0));
         assert_eq!(h.dev.released_pages(), 3);
         assert_eq!(h.dev.inflater.invalid_pfns, 3);
+    }
+
+    /// Guest memory: private anonymous RAM below 2 MiB (rings and buffers), then 1 MiB at
+    /// `PAGES` mapped with `flags` (from `file` when given).
+    fn memory_with(flags: i32, file: Option<&std::fs::File>) -> GuestMemory {
+        use vm_memory::mmap::MmapRegion;
+        use vm_memory::{FileOffset, GuestRegionMmap};
+        let low = MmapRegion::<()>::new(PAGES as usize).unwrap();
+        let fo = file.map(|f| FileOffset::new(f.try_clone().unwrap(), 0));
+        let high = MmapRegion::<()>::build(fo, 0x10_0000, libc::PROT_READ | libc::PROT_WRITE, flags).unwrap();
+        GuestMemory::from_regions(vec![
+            GuestRegionMmap::new(low, GuestAddress(0)).unwrap(),
+            GuestRegionMmap::new(high, GuestAddress(PAGES)).unwrap(),
+        ])
+        .unwrap()
+    }
+
+    fn file_of(byte: u8) -> std::fs::File {
+        use std::io::Write;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[byte; 0x10_0000]).unwrap();
+        f
+    }
+
+    fn file_page(f: &std::fs::File, page: u64) -> Option<u8> {
+        use std::os::unix::fs::FileExt;
+        let mut v = vec![0u8; 4096];
+        f.read_exact_at(&mut v, page << 12).unwrap();
+        v.iter().all(|&b| b == v[0]).then_some(v[0])
+    }
+
+    #[test]
+    fn inflate_private_file_backed_memory_gets_anonymous_zero_pages() {
+        // A restored snapshot maps its memory file privately: MADV_DONTNEED would bring the
+        // file's contents back.
+        let f = file_of(0x11);
+        let mem = memory_with(libc::MAP_PRIVATE | libc::MAP_NORESERVE, Some(&f));
+        let mut h = harness_with(BalloonConfig::default(), mem);
+        let base = PAGES >> 12;
+        h.fill_page(base + 1, 0x22);
+        h.fill_page(base + 2, 0x22);
+        h.inflate(&[base as u32 + 1, base as u32 + 2]);
+        assert_eq!(h.dev.released_pages(), 2);
+        assert_eq!(h.page(base + 1), Some(0), "zero, not the file's contents");
+        assert_eq!(h.page(base + 2), Some(0));
+        assert_eq!(h.page(base), Some(0x11));
+        assert_eq!(h.page(base + 3), Some(0x11));
+        // The file is untouched, and the replaced pages work as memory.
+        assert_eq!(file_page(&f, 1), Some(0x11));
+        h.fill_page(base + 1, 0x44);
+        assert_eq!(h.page(base + 1), Some(0x44));
+        assert_eq!(file_page(&f, 1), Some(0x11));
+    }
+
+    #[test]
+    fn inflate_shared_memory_frees_the_backing() {
+        // Shared anonymous (shmem): MADV_DONTNEED would keep the data; MADV_REMOVE frees it.
+        let mem = memory_with(libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, None);
+        let mut h = harness_with(BalloonConfig::default(), mem);
+        let base = PAGES >> 12;
+        h.fill_page(base, 0x55);
+        h.fill_page(base + 1, 0x66);
+        h.inflate(&[base as u32 + 1]);
+        assert_eq!((h.page(base), h.page(base + 1)), (Some(0x55), Some(0)));
+        assert_eq!(h.dev.released_pages(), 1);
+
+        // A shared file: the page becomes a hole in the file.
+        let f = file_of(0x33);
+        let mem = memory_with(libc::MAP_SHARED | libc::MAP_NORESERVE, Some(&f));
+        let mut h = harness_with(BalloonConfig::default(), mem);
+        h.inflate(&[base as u32 + 5]);
+        assert_eq!((h.page(base + 4), h.page(base + 5)), (Some(0x33), Some(0)));
+        assert_eq!((file_page(&f, 4), file_page(&f, 5)), (Some(0x33), Some(0)));
+        assert_eq!(h.dev.released_pages(), 1);
     }
 
     #[test]
