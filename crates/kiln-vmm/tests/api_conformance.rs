@@ -693,6 +693,14 @@ fn pre_boot_sequence(c: &mut Checker<'_>, fx: &Fixture) {
         Some(&json!({"drive_id": "scratch", "path_on_host": fx.disk2}).to_string()),
         204,
     );
+    let r = c.expect("GET", "/vm/config", None, 200);
+    let cfg: Value = serde_json::from_slice(&r.body).unwrap_or_default();
+    let scratch_cfg = cfg["drives"].as_array().and_then(|d| d.iter().find(|d| d["drive_id"] == "scratch"));
+    assert_eq!(
+        scratch_cfg.map(|d| &d["path_on_host"]),
+        Some(&json!(fx.disk2)),
+        "GET /vm/config after PATCH /drives: {cfg}"
+    );
     c.expect("PUT", "/entropy", Some("{}"), 204);
 
     let r = c.expect("GET", "/machine-config", None, 200);
@@ -813,15 +821,30 @@ fn put_boot_source_refuses_files_that_cannot_be_opened() {
 }
 
 #[test]
-#[ignore = "kiln-vmm bug: PUT /drives/{id} answers 204 when path_on_host cannot be opened (Firecracker: 400 at once); refused only at InstanceStart"]
+#[ignore = "kiln-vmm bug: PUT /drives/{id} answers 204 when path_on_host cannot be opened or is missing (and no socket) (Firecracker: 400 at once); refused only at InstanceStart"]
 fn put_drive_refuses_a_backing_file_that_cannot_be_opened() {
-    assert_refused_when_put(&[(
-        "PUT",
-        "/drives/x1",
-        r#"{"drive_id": "x1", "path_on_host": "/nonexistent/kiln.img", "is_root_device": false, "is_read_only": true}"#
-            .into(),
-        "/nonexistent/kiln.img",
-    )]);
+    assert_refused_when_put(&[
+        (
+            "PUT",
+            "/drives/x1",
+            r#"{"drive_id": "x1", "path_on_host": "/nonexistent/kiln.img", "is_root_device": false, "is_read_only": true}"#
+                .into(),
+            "/nonexistent/kiln.img",
+        ),
+        ("PUT", "/drives/x4", r#"{"drive_id": "x4", "is_root_device": false}"#.into(), "path_on_host"),
+    ]);
+}
+
+/// Every request body in the swagger is `type: object`; serde's derived structs also take a JSON
+/// array of the fields in order, so `PUT /machine-config [2, 96]` sets 2 vCPUs and 96 MiB.
+#[test]
+#[ignore = "kiln-vmm bug (kiln-fc-api routing): a JSON array in place of an object body is accepted positionally (PUT /machine-config [2,96] -> 204)"]
+fn bodies_that_are_not_objects_are_refused() {
+    assert_refused_when_put(&[
+        ("PUT", "/machine-config", "[2, 96]".into(), "json"),
+        ("PUT", "/boot-source", r#"["/bin/true"]"#.into(), "json"),
+        ("PATCH", "/machine-config", "[4]".into(), "json"),
+    ]);
 }
 
 #[test]
@@ -988,6 +1011,14 @@ fn post_boot_responses_match_the_swagger() {
         "/drives/scratch",
         Some(&json!({"drive_id": "scratch", "path_on_host": fx.disk2}).to_string()),
         204,
+    );
+    let r = c.expect("GET", "/vm/config", None, 200);
+    let cfg: Value = serde_json::from_slice(&r.body).unwrap_or_default();
+    let scratch_cfg = cfg["drives"].as_array().and_then(|d| d.iter().find(|d| d["drive_id"] == "scratch"));
+    assert_eq!(
+        scratch_cfg.map(|d| &d["path_on_host"]),
+        Some(&json!(fx.disk2)),
+        "GET /vm/config after PATCH /drives: {cfg}"
     );
 
     // Pre-boot-only requests are refused once running.
@@ -1329,10 +1360,13 @@ fn fuzzed_http_never_crashes_or_hangs_the_api() {
         raw_request("PUT", "/actions", Some(br#"{"action_type":"FlushMetrics"}"#)),
     ];
     let alphabet = b" \r\n:/0123456789{}[]\",GETPUTPATCHHTTP/1.1Content-LengthTransfer-Encoding\x00\xff";
-    let mut rng = Rng(0x5eed_0001);
-    let deadline = started + Duration::from_secs(20);
+    // KILN_API_FUZZ_ITERS / KILN_API_FUZZ_SEED run longer or other campaigns by hand.
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let iters = env("KILN_API_FUZZ_ITERS").unwrap_or(300) as usize;
+    let mut rng = Rng(env("KILN_API_FUZZ_SEED").unwrap_or(0x5eed_0001) | 1);
+    let deadline = started + Duration::from_secs(if iters > 300 { 3600 } else { 20 });
     let mut i = 0;
-    while i < 300 && Instant::now() < deadline {
+    while i < iters && Instant::now() < deadline {
         i += 1;
         let mut input = match rng.below(3) {
             0 => {
@@ -1378,7 +1412,11 @@ fn fuzzed_http_never_crashes_or_hangs_the_api() {
         }
     }
     eprintln!("fuzzed HTTP: {sent} connections in {:?}", started.elapsed());
-    assert!(started.elapsed() < Duration::from_secs(30), "fuzzing took {:?}", started.elapsed());
+    assert!(
+        iters > 300 || started.elapsed() < Duration::from_secs(30),
+        "fuzzing took {:?}",
+        started.elapsed()
+    );
     assert!(
         failures.is_empty(),
         "{} failure(s):\n  {}\nstderr tail:\n{}",
@@ -1512,5 +1550,110 @@ fn fuzzed_json_bodies_for_every_put_and_patch() {
     let mut c = Checker::new(&spec, &vmm);
     c.expect("GET", "/vm/config", None, 200);
     c.expect("GET", "/machine-config", None, 200);
+    c.finish(&vmm);
+}
+
+/// Many clients at once on a running VM: pause/resume/Ctrl-Alt-Del/drive swaps racing reads.
+/// Every request is answered in time with a documented status; the VM ends up in a state
+/// GET / reports consistently, and resumes.
+#[test]
+fn concurrent_clients_on_a_running_vm() {
+    require_kvm!();
+    let spec = Arc::new(Spec::load());
+    let fx = Fixture::new();
+    let mut vmm = Vmm::spawn(fx.dir.path());
+    let mut c = Checker::new(&spec, &vmm);
+    c.expect("PUT", "/boot-source", Some(&fx.boot_source()), 204);
+    let scratch = json!({"drive_id": "scratch", "path_on_host": fx.disk, "is_root_device": false, "is_read_only": true});
+    c.expect("PUT", "/drives/scratch", Some(&scratch.to_string()), 204);
+    // Two InstanceStarts racing: exactly one starts the VM.
+    let starts: Vec<_> = (0..2)
+        .map(|_| {
+            let sock = vmm.sock.clone();
+            std::thread::spawn(move || {
+                curl(&sock, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#))
+            })
+        })
+        .collect();
+    let mut codes: Vec<u16> = starts.into_iter().map(|t| t.join().unwrap().status).collect();
+    codes.sort_unstable();
+    assert_eq!(codes, [204, 400], "two racing InstanceStarts; stderr: {}", tail(&vmm.stderr(), 2000));
+    c.finish(&vmm);
+
+    let requests: Vec<(&str, &str, Option<String>)> = vec![
+        ("PATCH", "/vm", Some(r#"{"state":"Paused"}"#.into())),
+        ("PATCH", "/vm", Some(r#"{"state":"Resumed"}"#.into())),
+        ("GET", "/", None),
+        ("GET", "/vm/config", None),
+        ("GET", "/machine-config", None),
+        ("PUT", "/actions", Some(r#"{"action_type":"SendCtrlAltDel"}"#.into())),
+        (
+            "PATCH",
+            "/drives/scratch",
+            Some(json!({"drive_id": "scratch", "path_on_host": fx.disk2}).to_string()),
+        ),
+        ("PUT", "/boot-source", Some(fx.boot_source())),
+    ];
+    let requests = Arc::new(requests);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let threads: Vec<_> = (0..6u64)
+        .map(|t| {
+            let (spec, requests, sock) = (spec.clone(), requests.clone(), vmm.sock.clone());
+            std::thread::spawn(move || {
+                let mut rng = Rng(0x5eed_1000 + t);
+                let mut failures = Vec::new();
+                let mut n = 0;
+                while Instant::now() < deadline {
+                    let (m, p, b) = rng.pick(&requests);
+                    let mut raw = raw_request(m, p, b.as_deref().map(str::as_bytes));
+                    raw.splice(
+                        raw.len() - 2 - b.as_ref().map_or(0, String::len)
+                            ..raw.len() - 2 - b.as_ref().map_or(0, String::len),
+                        b"Connection: close\r\n".iter().copied(),
+                    );
+                    let t0 = Instant::now();
+                    match raw_exchange(&sock, &raw).and_then(|out| parse_responses(&out)) {
+                        Ok(resps) if resps.len() == 1 => {
+                            if let Err(e) = spec.check_response(m, p, &resps[0]) {
+                                failures.push(format!("{m} {p}: {e}"));
+                            }
+                        }
+                        Ok(resps) => failures.push(format!("{m} {p}: {} responses", resps.len())),
+                        Err(e) => failures.push(format!("{m} {p} after {:?}: {e}", t0.elapsed())),
+                    }
+                    n += 1;
+                }
+                (n, failures)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    let mut failures = Vec::new();
+    for t in threads {
+        let (n, f) = t.join().unwrap();
+        total += n;
+        failures.extend(f);
+    }
+    eprintln!("concurrent clients: {total} requests");
+    assert!(
+        failures.is_empty(),
+        "{} failure(s):\n  {}\nstderr: {}",
+        failures.len(),
+        failures.join("\n  "),
+        tail(&vmm.stderr(), 3000)
+    );
+    vmm.assert_healthy("concurrent clients");
+
+    // The state GET / reports matches the guest: resume, and it ticks.
+    let mut c = Checker::new(&spec, &vmm);
+    c.expect("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#), 204);
+    let r = c.expect("GET", "/", None, 200);
+    assert!(r.text().contains(r#""state":"Running""#), "{}", r.text());
+    let before = vmm.console().matches('.').count();
+    assert!(
+        wait_until(Duration::from_secs(5), || vmm.console().matches('.').count() > before + 2),
+        "the guest does not run after the concurrent clients: {}",
+        tail(&vmm.stderr(), 2000)
+    );
     c.finish(&vmm);
 }
