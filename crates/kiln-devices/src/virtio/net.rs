@@ -1,1 +1,858 @@
-//! TODO: virtio-net (being written).
+//! virtio-net backed by a host tap device: one rx/tx queue pair, checksum and segmentation
+//! offloads passed through the tap's virtio-net header, mergeable rx buffers.
+//!
+//! The tap must exist (the network setup creates it: `ip tuntap add NAME mode tap`); the device
+//! attaches to it with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, a 12-byte header
+//! (`virtio_net_hdr_v1`, the layout every VERSION_1 driver uses) and a non-blocking fd. Because
+//! the tap and the guest share the header format, frames pass through unchanged in both
+//! directions; the offloads the guest accepts decide which offloads the tap may hand us
+//! (`TUNSETOFFLOAD`, set on activation).
+//!
+//! - TX (queue 1): on notify, every available chain is gathered (device-readable descriptors
+//!   only, at most [`MAX_FRAME_LEN`] plus the header, inside guest memory) and written to the tap
+//!   as one frame. A bad chain or a frame the tap refuses is counted and completed; every chain
+//!   completes with used length 0.
+//! - RX (queue 0): when the tap is readable ([`VirtioDevice::host_fds`] lists it with
+//!   [`TAP_TOKEN`]) or the driver adds buffers, frames are read from the tap into available
+//!   chains until the tap is drained. A frame that does not fit (without MRG_RXBUF: in one
+//!   chain) is dropped and counted. When the ring has no buffers the frame is kept, the tap is
+//!   no longer listed (so a level-triggered loop does not spin) and notifications are enabled;
+//!   the driver's next rx notify delivers it and lists the tap again.
+//! - Interrupts: each pass completes everything it can and signals at most once per queue,
+//!   subject to `needs_notification` (VIRTIO_RING_F_EVENT_IDX is offered).
+//!
+//! Everything the guest controls is checked; nothing here panics on guest or tap input.
+
+mod tap;
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::num::Wrapping;
+use std::ops::Range;
+use std::os::unix::io::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryBackend};
+
+use super::queue_util::{drain_queue, Chain, QueueError};
+use super::{device_type, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use crate::interrupt::VirtioInterrupt;
+use crate::GuestMemory;
+use tap::Tap;
+
+/// Queue size offered for both queues.
+pub const QUEUE_SIZE: u16 = 256;
+/// Index of the receive queue.
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue.
+pub const TX_QUEUE: usize = 1;
+/// The token the tap fd is listed with in [`VirtioDevice::host_fds`].
+pub const TAP_TOKEN: u32 = 0;
+/// `struct virtio_net_hdr_v1`: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
+/// num_buffers.
+pub const VNET_HDR_LEN: usize = 12;
+/// Largest frame (without the vnet header) either way: a 64 KiB GSO packet plus Ethernet and
+/// VLAN headers (the 65562 bytes virtio 1.2, 5.1.6.3.1 asks big rx buffers to hold).
+pub const MAX_FRAME_LEN: usize = 65562;
+
+// Feature bits (virtio 1.2, 5.1.3).
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+pub const VIRTIO_NET_F_GUEST_UFO: u64 = 1 << 10;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+pub const VIRTIO_NET_F_HOST_UFO: u64 = 1 << 14;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+
+/// Config space `status` bit: the link is up.
+pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
+/// Size of the config space the device exposes: mac, status, max_virtqueue_pairs, mtu.
+pub const CONFIG_SPACE_LEN: usize = 12;
+
+/// Smallest MTU the virtio spec allows a device to advertise.
+pub const MIN_MTU: u16 = 68;
+
+/// What the VMM knows about a network interface before boot (Firecracker's
+/// `NetworkInterfaceConfig`: `iface_id`, `host_dev_name`, `guest_mac`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Interface id (for logs and the API).
+    pub id: String,
+    /// Name of an existing host tap device.
+    pub tap_name: String,
+    /// MAC the guest is told to use (VIRTIO_NET_F_MAC); without it the guest picks a random one.
+    pub guest_mac: Option<[u8; 6]>,
+    /// MTU the guest is told to use (VIRTIO_NET_F_MTU). Set the tap's MTU to match on the host.
+    pub mtu: Option<u16>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("invalid tap device name {name:?}: {why}")]
+    InvalidTapName { name: String, why: &'static str },
+    #[error("tap device {name} does not exist; create it first: ip tuntap add {name} mode tap")]
+    TapMissing { name: String },
+    #[error("no permission to open /dev/net/tun")]
+    TunPermission {
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open /dev/net/tun (is the tun module loaded?)")]
+    OpenTun {
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "no permission to attach to tap {name}: run with CAP_NET_ADMIN or create the tap for this \
+         user (ip tuntap add {name} mode tap user USER)"
+    )]
+    TapPermission {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("tap {name} is busy: another process (another VM?) has it attached")]
+    TapBusy {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{name} is not a single-queue tap device (not a tap, or created as tun or multi_queue)")]
+    NotATap {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot attach to tap {name}")]
+    Attach {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot configure tap {name}: {what}")]
+    Configure {
+        name: String,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid MAC address {text:?}: {why}")]
+    InvalidMac { text: String, why: &'static str },
+    #[error("MTU {0} is out of range ({MIN_MTU}..=65535)")]
+    InvalidMtu(u16),
+}
+
+/// Parses a MAC address written as six two-digit hex bytes separated by `:` (or `-`), such as
+/// `06:00:ac:10:00:02`.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], NetError> {
+    let err = |why| NetError::InvalidMac { text: text.to_owned(), why };
+    let mut mac = [0u8; 6];
+    let mut parts = text.split([':', '-']);
+    for byte in &mut mac {
+        let part = parts.next().ok_or_else(|| err("expected six bytes like 06:00:ac:10:00:02"))?;
+        if part.len() != 2 {
+            return Err(err("each byte must be two hex digits"));
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| err("not a hex digit"))?;
+    }
+    if parts.next().is_some() {
+        return Err(err("expected six bytes like 06:00:ac:10:00:02"));
+    }
+    Ok(mac)
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
+/// Traffic counters. Frame byte counts exclude the vnet header.
+#[derive(Debug, Default)]
+pub struct NetMetrics {
+    /// Frames delivered to the guest.
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    /// Frames read from the tap and dropped: too large for the guest's buffers, or malformed.
+    pub rx_dropped: AtomicU64,
+    /// Receive chains the guest got back unused because they were malformed.
+    pub rx_invalid_chains: AtomicU64,
+    /// Times a frame waited because the guest had no receive buffers.
+    pub rx_no_buffers: AtomicU64,
+    /// Errors reading the tap.
+    pub rx_tap_errors: AtomicU64,
+    /// Frames written to the tap.
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Transmit chains not sent: malformed, too long, or refused by the tap.
+    pub tx_dropped: AtomicU64,
+    /// Of those, chains that were malformed (wrong direction, outside memory, too long/short).
+    pub tx_invalid_chains: AtomicU64,
+    /// Of those, frames the tap refused (full queue, bad GSO header, ...).
+    pub tx_tap_errors: AtomicU64,
+}
+
+/// A plain copy of [`NetMetrics`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetMetricsSnapshot {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub rx_dropped: u64,
+    pub rx_invalid_chains: u64,
+    pub rx_no_buffers: u64,
+    pub rx_tap_errors: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_dropped: u64,
+    pub tx_invalid_chains: u64,
+    pub tx_tap_errors: u64,
+}
+
+impl NetMetrics {
+    pub fn snapshot(&self) -> NetMetricsSnapshot {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NetMetricsSnapshot {
+            rx_packets: g(&self.rx_packets),
+            rx_bytes: g(&self.rx_bytes),
+            rx_dropped: g(&self.rx_dropped),
+            rx_invalid_chains: g(&self.rx_invalid_chains),
+            rx_no_buffers: g(&self.rx_no_buffers),
+            rx_tap_errors: g(&self.rx_tap_errors),
+            tx_packets: g(&self.tx_packets),
+            tx_bytes: g(&self.tx_bytes),
+            tx_dropped: g(&self.tx_dropped),
+            tx_invalid_chains: g(&self.tx_invalid_chains),
+            tx_tap_errors: g(&self.tx_tap_errors),
+        }
+    }
+}
+
+fn inc(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
+}
+
+struct Active {
+    mem: GuestMemory,
+    interrupt: VirtioInterrupt,
+    rx: Queue,
+    tx: Queue,
+    mergeable: bool,
+}
+
+/// Receive-side state that survives between passes.
+struct RxState {
+    /// One frame from the tap, with its vnet header.
+    buf: Vec<u8>,
+    /// Length of a frame in `buf` not yet delivered (the guest had no buffers).
+    pending: Option<usize>,
+    /// Waiting for the driver to add buffers: the tap is not listed meanwhile.
+    waiting: bool,
+    /// Scratch: descriptors of the chains one frame goes into, and per chain (head, range in
+    /// `descs`, capacity).
+    descs: Vec<Descriptor>,
+    parts: Vec<(u16, Range<usize>, usize)>,
+}
+
+/// A virtio-net device.
+pub struct Net {
+    id: String,
+    tap: Tap,
+    mac: Option<[u8; 6]>,
+    mtu: Option<u16>,
+    /// Offloads (TUN_F_*) the tap accepted when probed.
+    tap_offloads: u32,
+    avail_features: u64,
+    acked_features: u64,
+    active: Option<Active>,
+    broken: bool,
+    rx: RxState,
+    tx_buf: Vec<u8>,
+    metrics: Arc<NetMetrics>,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("id", &self.id)
+            .field("tap", &self.tap.name())
+            .field("mac", &self.mac.as_ref().map(format_mac))
+            .field("mtu", &self.mtu)
+            .field("activated", &self.active.is_some())
+            .field("broken", &self.broken)
+            .finish()
+    }
+}
+
+impl Net {
+    /// Attaches to the tap `cfg.tap_name` (which must exist) and works out the features to offer.
+    pub fn new(cfg: NetConfig) -> Result<Net, NetError> {
+        Self::check_config(&cfg)?;
+        let tap = Tap::open(&cfg.tap_name, VNET_HDR_LEN as u32)?;
+        // Probe which offloads the host kernel's tun accepts (UFO went away for a while), then
+        // allow none until the guest has said which it takes.
+        let mut tap_offloads = tap::TUN_F_CSUM | tap::TUN_F_TSO4 | tap::TUN_F_TSO6 | tap::TUN_F_UFO;
+        if tap.set_offload(tap_offloads).is_err() {
+            tap_offloads &= !tap::TUN_F_UFO;
+            if tap.set_offload(tap_offloads).is_err() {
+                tracing::warn!("net {}: tap {} takes no offloads", cfg.id, cfg.tap_name);
+                tap_offloads = 0;
+            }
+        }
+        tap.set_offload(0).map_err(|source| NetError::Configure {
+            name: cfg.tap_name.clone(),
+            what: "clear offloads",
+            source,
+        })?;
+        Ok(Self::with_tap(cfg, tap, tap_offloads))
+    }
+
+    fn check_config(cfg: &NetConfig) -> Result<(), NetError> {
+        if let Some(mac) = cfg.guest_mac {
+            let why = if mac == [0; 6] {
+                Some("all zeroes")
+            } else if mac[0] & 1 != 0 {
+                Some("a multicast address (the first byte is odd)")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(NetError::InvalidMac { text: format_mac(&mac), why });
+            }
+        }
+        if let Some(mtu) = cfg.mtu {
+            if mtu < MIN_MTU {
+                return Err(NetError::InvalidMtu(mtu));
+            }
+        }
+        Ok(())
+    }
+
+    fn with_tap(cfg: NetConfig, tap: Tap, tap_offloads: u32) -> Net {
+        let mut avail_features = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_NET_F_STATUS
+            | VIRTIO_NET_F_MRG_RXBUF
+            // Guest to host: the tap takes partial checksums and GSO frames whatever TUNSETOFFLOAD
+            // says.
+            | VIRTIO_NET_F_CSUM
+            | VIRTIO_NET_F_HOST_TSO4
+            | VIRTIO_NET_F_HOST_TSO6
+            | VIRTIO_NET_F_HOST_UFO;
+        if tap_offloads & tap::TUN_F_CSUM != 0 {
+            avail_features |= VIRTIO_NET_F_GUEST_CSUM;
+            if tap_offloads & tap::TUN_F_TSO4 != 0 {
+                avail_features |= VIRTIO_NET_F_GUEST_TSO4;
+            }
+            if tap_offloads & tap::TUN_F_TSO6 != 0 {
+                avail_features |= VIRTIO_NET_F_GUEST_TSO6;
+            }
+            if tap_offloads & tap::TUN_F_UFO != 0 {
+                avail_features |= VIRTIO_NET_F_GUEST_UFO;
+            }
+        }
+        if cfg.guest_mac.is_some() {
+            avail_features |= VIRTIO_NET_F_MAC;
+        }
+        if cfg.mtu.is_some() {
+            avail_features |= VIRTIO_NET_F_MTU;
+        }
+        Net {
+            id: cfg.id,
+            tap,
+            mac: cfg.guest_mac,
+            mtu: cfg.mtu,
+            tap_offloads,
+            avail_features,
+            acked_features: 0,
+            active: None,
+            broken: false,
+            rx: RxState {
+                buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
+                pending: None,
+                waiting: false,
+                descs: Vec::new(),
+                parts: Vec::new(),
+            },
+            tx_buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
+            metrics: Arc::new(NetMetrics::default()),
+        }
+    }
+
+    /// A device on a stand-in for a tap (any non-blocking packet fd), for unit tests.
+    #[cfg(test)]
+    fn with_fake_tap(cfg: NetConfig, file: std::fs::File) -> Result<Net, NetError> {
+        Self::check_config(&cfg)?;
+        let tap = Tap::from_file(file, &cfg.tap_name);
+        let offloads = tap::TUN_F_CSUM | tap::TUN_F_TSO4 | tap::TUN_F_TSO6 | tap::TUN_F_UFO;
+        Ok(Self::with_tap(cfg, tap, offloads))
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+
+    pub fn guest_mac(&self) -> Option<[u8; 6]> {
+        self.mac
+    }
+
+    pub fn mtu(&self) -> Option<u16> {
+        self.mtu
+    }
+
+    /// Features the driver accepted (0 before activation).
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// The traffic counters.
+    pub fn metrics(&self) -> &NetMetrics {
+        &self.metrics
+    }
+
+    /// A handle on the counters that outlives borrows of the device (for a metrics thread).
+    pub fn metrics_handle(&self) -> Arc<NetMetrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    fn config_space(&self) -> [u8; CONFIG_SPACE_LEN] {
+        let mut cfg = [0u8; CONFIG_SPACE_LEN];
+        if let Some(mac) = self.mac {
+            cfg[0..6].copy_from_slice(&mac);
+        }
+        cfg[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+        cfg[10..12].copy_from_slice(&self.mtu.unwrap_or(0).to_le_bytes());
+        cfg
+    }
+
+    /// Offloads the tap may hand us given what the guest accepted.
+    fn offloads_for(&self, acked: u64) -> u32 {
+        let mut flags = 0;
+        if acked & VIRTIO_NET_F_GUEST_CSUM != 0 {
+            flags |= tap::TUN_F_CSUM;
+            if acked & VIRTIO_NET_F_GUEST_TSO4 != 0 {
+                flags |= tap::TUN_F_TSO4;
+            }
+            if acked & VIRTIO_NET_F_GUEST_TSO6 != 0 {
+                flags |= tap::TUN_F_TSO6;
+            }
+            if acked & VIRTIO_NET_F_GUEST_UFO != 0 {
+                flags |= tap::TUN_F_UFO;
+            }
+        }
+        flags & self.tap_offloads
+    }
+
+    fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else { return };
+        let (tap, buf, metrics) = (&self.tap, &mut self.tx_buf, &*self.metrics);
+        let result = drain_queue(&mut active.tx, &active.mem, &active.interrupt, |mem, chain| {
+            transmit(tap, buf, metrics, mem, chain);
+            0
+        });
+        if let Err(e) = result {
+            tracing::error!("net {}: tx queue broken: {e}", self.id);
+            self.broken = true;
+        }
+    }
+
+    fn process_rx(&mut self) {
+        let Some(active) = self.active.as_mut() else { return };
+        match receive(&self.tap, &mut self.rx, &self.metrics, active) {
+            Ok(delivered) => {
+                if delivered > 0 {
+                    match active.rx.needs_notification(&active.mem) {
+                        Ok(true) => {
+                            if let Err(e) = active.interrupt.signal_used_queue() {
+                                tracing::warn!("net {}: failed to raise the rx interrupt: {e}", self.id);
+                            }
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!("net {}: rx queue broken: {e}", self.id);
+                            self.broken = true;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!("net {}: rx queue broken: {e}", self.id);
+                self.broken = true;
+            }
+        }
+    }
+}
+
+/// Gathers one tx chain and writes it to the tap, counting the outcome.
+fn transmit(tap: &Tap, buf: &mut [u8], metrics: &NetMetrics, mem: &GuestMemory, chain: Chain<'_>) {
+    match gather_tx(buf, mem, chain) {
+        Ok(len) => match tap.write_frame(&buf[..len]) {
+            Ok(()) => {
+                inc(&metrics.tx_packets, 1);
+                inc(&metrics.tx_bytes, (len - VNET_HDR_LEN) as u64);
+            }
+            Err(e) => {
+                tracing::debug!("net: tap refused a {len}-byte frame: {e}");
+                inc(&metrics.tx_dropped, 1);
+                inc(&metrics.tx_tap_errors, 1);
+            }
+        },
+        Err(why) => {
+            tracing::debug!("net: invalid tx chain: {why}");
+            inc(&metrics.tx_dropped, 1);
+            inc(&metrics.tx_invalid_chains, 1);
+        }
+    }
+}
+
+/// Copies a tx chain (vnet header + frame) into `buf`, which holds the largest allowed; returns
+/// its length.
+fn gather_tx(buf: &mut [u8], mem: &GuestMemory, chain: Chain<'_>) -> Result<usize, &'static str> {
+    let mut at = 0usize;
+    for d in chain {
+        if d.is_write_only() {
+            return Err("device-writable descriptor");
+        }
+        let len = d.len() as usize;
+        let Some(dst) = at.checked_add(len).and_then(|end| buf.get_mut(at..end)) else {
+            return Err("frame too long");
+        };
+        if !GuestMemoryBackend::check_range(mem, d.addr(), len) {
+            return Err("descriptor outside guest memory");
+        }
+        mem.read_slice(dst, d.addr()).map_err(|_| "descriptor outside guest memory")?;
+        at += len;
+    }
+    if at <= VNET_HDR_LEN {
+        return Err("no frame after the vnet header");
+    }
+    Ok(at)
+}
+
+/// Pops the next rx chain; `Ok(None)` when the ring is empty, in which case notifications are
+/// enabled so the driver tells us when it adds buffers.
+fn pop_rx<'a>(queue: &mut Queue, mem: &'a GuestMemory) -> Result<Option<Chain<'a>>, QueueError> {
+    for _ in 0..2 {
+        if let Some(chain) = queue.pop_descriptor_chain(mem) {
+            return Ok(Some(chain));
+        }
+        if !queue.enable_notification(mem).map_err(QueueError::Queue)? {
+            return Ok(None);
+        }
+        // The driver added buffers while we looked: try again.
+    }
+    // More is available, yet nothing pops: the available index is bogus.
+    let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(QueueError::Queue)?;
+    let ahead = (avail - Wrapping(queue.next_avail())).0;
+    if ahead > queue.size() {
+        Err(QueueError::AvailOverrun { ahead, size: queue.size() })
+    } else {
+        Err(QueueError::Queue(virtio_queue::Error::InvalidAvailRingIndex))
+    }
+}
+
+/// Checks an rx chain: device-writable descriptors inside guest memory. Appends them to
+/// `descs` and returns their total capacity (capped at what a frame can use).
+fn check_rx_chain(
+    mem: &GuestMemory,
+    chain: Chain<'_>,
+    descs: &mut Vec<Descriptor>,
+) -> Result<usize, &'static str> {
+    let start = descs.len();
+    let mut cap = 0usize;
+    for d in chain {
+        if !d.is_write_only() {
+            descs.truncate(start);
+            return Err("device-readable descriptor");
+        }
+        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            descs.truncate(start);
+            return Err("descriptor outside guest memory");
+        }
+        cap = cap.saturating_add(d.len() as usize);
+        descs.push(d);
+    }
+    if cap < VNET_HDR_LEN {
+        descs.truncate(start);
+        return Err("shorter than the vnet header");
+    }
+    Ok(cap)
+}
+
+/// Copies `data` into the descriptors in order; they were checked to be in guest memory and to
+/// hold it.
+fn scatter(
+    mem: &GuestMemory,
+    descs: &[Descriptor],
+    mut data: &[u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    for d in descs {
+        if data.is_empty() {
+            break;
+        }
+        let n = data.len().min(d.len() as usize);
+        mem.write_slice(&data[..n], d.addr())?;
+        data = &data[n..];
+    }
+    Ok(())
+}
+
+/// What happened to one frame.
+enum Delivery {
+    /// Delivered (in one chain, or several with MRG_RXBUF).
+    Delivered,
+    /// Dropped (did not fit, or could not be written).
+    Dropped,
+    /// The ring ran out of buffers; the frame stays pending.
+    NoBuffers,
+}
+
+/// Reads frames from the tap into rx chains until the tap is drained or the ring is empty.
+/// Returns how many frames were delivered.
+fn receive(
+    tap: &Tap,
+    rx: &mut RxState,
+    metrics: &NetMetrics,
+    active: &mut Active,
+) -> Result<usize, QueueError> {
+    // Kicks are only needed once the ring runs dry (pop_rx enables them then); a no-op with
+    // EVENT_IDX, where the avail_event pop_rx sets does the same.
+    active.rx.disable_notification(&active.mem).map_err(QueueError::Queue)?;
+    let mut delivered = 0usize;
+    loop {
+        let len = match rx.pending.take() {
+            Some(len) => len,
+            None => match tap.read_frame(&mut rx.buf) {
+                Ok(Some(len)) => len,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("net: reading tap {} failed: {e}", tap.name());
+                    inc(&metrics.rx_tap_errors, 1);
+                    break;
+                }
+            },
+        };
+        if len <= VNET_HDR_LEN {
+            tracing::debug!("net: {len}-byte read from the tap, not a frame");
+            inc(&metrics.rx_dropped, 1);
+            continue;
+        }
+        match deliver(rx, len, metrics, active)? {
+            Delivery::Delivered => {
+                delivered += 1;
+                inc(&metrics.rx_packets, 1);
+                inc(&metrics.rx_bytes, (len - VNET_HDR_LEN) as u64);
+            }
+            Delivery::Dropped => inc(&metrics.rx_dropped, 1),
+            Delivery::NoBuffers => {
+                rx.pending = Some(len);
+                rx.waiting = true;
+                inc(&metrics.rx_no_buffers, 1);
+                tracing::trace!("net: no rx buffers; waiting for the driver");
+                break;
+            }
+        }
+    }
+    Ok(delivered)
+}
+
+/// Puts the frame `rx.buf[..len]` into one chain (or, with MRG_RXBUF, as many as it takes).
+fn deliver(
+    rx: &mut RxState,
+    len: usize,
+    metrics: &NetMetrics,
+    active: &mut Active,
+) -> Result<Delivery, QueueError> {
+    let Active { mem, rx: queue, mergeable, .. } = active;
+    let mem: &GuestMemory = mem;
+    rx.descs.clear();
+    rx.parts.clear();
+    let mut cap = 0usize;
+    // Whether the chains in `parts` are the last ones popped, so they can be given back.
+    let mut contiguous = true;
+    while cap < len {
+        let Some(chain) = pop_rx(queue, mem)? else {
+            // Give the chains back for when the driver adds more, unless the whole ring is too
+            // small for this frame.
+            let popped = rx.parts.len();
+            if contiguous && popped < usize::from(queue.size()) {
+                for _ in 0..popped {
+                    queue.go_to_previous_position();
+                }
+                return Ok(Delivery::NoBuffers);
+            }
+            for (head, ..) in &rx.parts {
+                queue.add_used(mem, *head, 0).map_err(QueueError::Queue)?;
+            }
+            tracing::debug!("net: a {len}-byte frame does not fit the rx ring; dropped");
+            return Ok(Delivery::Dropped);
+        };
+        let head = chain.head_index();
+        let start = rx.descs.len();
+        match check_rx_chain(mem, chain, &mut rx.descs) {
+            Ok(c) => {
+                if !*mergeable && c < len {
+                    // Without MRG_RXBUF the frame must fit one chain; the chain stays for the next.
+                    queue.go_to_previous_position();
+                    tracing::debug!("net: a {len}-byte frame does not fit a {c}-byte rx buffer; dropped");
+                    return Ok(Delivery::Dropped);
+                }
+                rx.parts.push((head, start..rx.descs.len(), c));
+                cap = cap.saturating_add(c);
+            }
+            Err(why) => {
+                tracing::debug!("net: invalid rx chain: {why}");
+                inc(&metrics.rx_invalid_chains, 1);
+                queue.add_used(mem, head, 0).map_err(QueueError::Queue)?;
+                if !rx.parts.is_empty() {
+                    contiguous = false;
+                }
+            }
+        }
+    }
+    // The header's num_buffers (the tap leaves those two bytes alone).
+    let nbufs = u16::try_from(rx.parts.len()).unwrap_or(u16::MAX);
+    rx.buf[VNET_HDR_LEN - 2..VNET_HDR_LEN].copy_from_slice(&nbufs.to_le_bytes());
+    let mut at = 0usize;
+    let mut ok = true;
+    for (_, range, c) in &rx.parts {
+        let n = (len - at).min(*c);
+        if scatter(mem, &rx.descs[range.clone()], &rx.buf[at..at + n]).is_err() {
+            ok = false;
+            break;
+        }
+        at += n;
+    }
+    // Completed in order, so a mergeable frame's chains are adjacent in the used ring. A frame
+    // that could not be written completes its chains empty (the driver counts a length error).
+    let mut at = 0usize;
+    for (head, _, c) in &rx.parts {
+        let n = (len - at).min(*c);
+        at += n;
+        let used = if ok { u32::try_from(n).unwrap_or(0) } else { 0 };
+        queue.add_used(mem, *head, used).map_err(QueueError::Queue)?;
+    }
+    Ok(if ok { Delivery::Delivered } else { Delivery::Dropped })
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        device_type::NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let cfg = self.config_space();
+        let Ok(start) = usize::try_from(offset) else { return };
+        if let Some(src) = cfg.get(start..) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: VirtioInterrupt,
+        acked_features: u64,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let Ok([rx, tx]) = <[Queue; 2]>::try_from(queues) else {
+            return Err(ActivateError::QueueCount { expected: 2, got });
+        };
+        let offloads = self.offloads_for(acked_features);
+        if let Err(e) = self.tap.set_offload(offloads) {
+            return Err(ActivateError::Other(format!(
+                "net {}: cannot set offloads {offloads:#x} on tap {}: {e}",
+                self.id,
+                self.tap.name()
+            )));
+        }
+        let mergeable = acked_features & VIRTIO_NET_F_MRG_RXBUF != 0;
+        tracing::debug!(
+            "net {}: activated on tap {}, features {acked_features:#x}, tap offloads {offloads:#x}",
+            self.id,
+            self.tap.name()
+        );
+        self.acked_features = acked_features;
+        self.broken = false;
+        self.rx.pending = None;
+        self.rx.waiting = false;
+        self.active = Some(Active { mem, interrupt, rx, tx, mergeable });
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        if self.broken {
+            return;
+        }
+        match index {
+            RX_QUEUE => {
+                // New buffers: deliver what waits and watch the tap again.
+                self.rx.waiting = false;
+                self.process_rx();
+            }
+            TX_QUEUE => self.process_tx(),
+            _ => {}
+        }
+    }
+
+    fn reset(&mut self) -> bool {
+        self.active = None;
+        self.acked_features = 0;
+        self.broken = false;
+        self.rx.pending = None;
+        self.rx.waiting = false;
+        if let Err(e) = self.tap.set_offload(0) {
+            tracing::warn!("net {}: cannot clear offloads on tap {}: {e}", self.id, self.tap.name());
+        }
+        true
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.broken
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+
+    fn host_fds(&self) -> Vec<(RawFd, u32)> {
+        if self.active.is_some() && !self.broken && !self.rx.waiting {
+            vec![(self.tap.raw_fd(), TAP_TOKEN)]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn process_host_event(&mut self, token: u32) {
+        if token == TAP_TOKEN && !self.broken && !self.rx.waiting {
+            self.process_rx();
+        }
+    }
+}
