@@ -467,6 +467,7 @@ impl Conn {
         } else if self.pend_response {
             self.pend_response = false;
             self.state = ConnState::Established;
+            self.deadline = None;
             self.header(guest_cid, OP_RESPONSE)
         } else if self.pend_request {
             self.pend_request = false;
@@ -529,8 +530,8 @@ impl Conn {
             return;
         }
         if self.peer_shut_rcv && self.peer_shut_send {
-            self.pend_rst = true;
-            self.state = ConnState::Killed;
+            // Both directions are done: RST and close, like Firecracker.
+            self.kill();
         } else if self.peer_shut_send && !self.host_write_shut {
             self.host_write_shut = true;
             let _ = self.stream.shutdown(std::net::Shutdown::Write);
@@ -590,12 +591,14 @@ impl Muxer {
         }
     }
 
-    fn alloc_local_port(&mut self) -> u32 {
+    /// A free host-side port for a connection to guest port `peer_port`.
+    fn alloc_local_port(&mut self, peer_port: u32) -> u32 {
         // At most MAX_CONNECTIONS ports are in use, out of 2^30: this ends quickly.
         loop {
             let p = self.next_local_port;
             self.next_local_port = ((p.wrapping_add(1)) & !(1 << 31)) | LOCAL_PORT_BASE;
-            if !self.local_ports.contains(&p) {
+            // A guest-initiated connection may use the same pair (the guest picks host ports).
+            if !self.local_ports.contains(&p) && !self.by_ports.contains_key(&(p, peer_port)) {
                 self.local_ports.insert(p);
                 return p;
             }
@@ -790,6 +793,8 @@ impl Muxer {
         let mut c = Conn::new(token, hdr.dst_port, hdr.src_port, stream, ConnState::PeerInit);
         c.peer_buf_alloc = hdr.buf_alloc;
         c.peer_fwd_cnt = Wrapping(hdr.fwd_cnt);
+        // Until the RESPONSE is out (the guest may never give a receive buffer).
+        c.deadline = Some(Instant::now() + REQUEST_TIMEOUT);
         self.by_ports.insert((hdr.dst_port, hdr.src_port), token);
         self.conns.insert(token, c);
         self.schedule(token);
@@ -857,7 +862,7 @@ impl Muxer {
             tracing::debug!("vsock: invalid CONNECT line {:?}", String::from_utf8_lossy(&hs.buf[..nl]));
             return;
         };
-        let local_port = self.alloc_local_port();
+        let local_port = self.alloc_local_port(peer_port);
         let token = self.alloc_token();
         let mut c = Conn::new(token, local_port, peer_port, hs.stream, ConnState::LocalInit);
         c.deadline = Some(now + REQUEST_TIMEOUT);
@@ -1356,8 +1361,9 @@ mod tests {
         fn used(&self) -> u64 {
             self.avail() + 0x1000
         }
-        fn queue(&self) -> Queue {
+        fn queue(&self, event_idx: bool) -> Queue {
             let mut q = Queue::new(self.size).unwrap();
+            q.set_event_idx(event_idx);
             q.set_size(self.size);
             q.try_set_desc_table_address(GuestAddress(self.base)).unwrap();
             q.try_set_avail_ring_address(GuestAddress(self.avail())).unwrap();
@@ -1428,6 +1434,10 @@ mod tests {
 
     impl H {
         fn new() -> H {
+            H::with_event_idx(false)
+        }
+
+        fn with_event_idx(event_idx: bool) -> H {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("v.sock");
             let mut dev = Vsock::new(VsockConfig { guest_cid: CID, uds_path: path.clone() }).unwrap();
@@ -1438,7 +1448,7 @@ mod tests {
                 mem.clone(),
                 VirtioInterrupt::new(irq.clone()),
                 VIRTIO_F_VERSION_1,
-                vec![rx.queue(), tx.queue(), ev.queue()],
+                vec![rx.queue(event_idx), tx.queue(event_idx), ev.queue(event_idx)],
             )
             .unwrap();
             H { dev, mem, rx, tx, irq, _dir: dir, path, rx_bufs: HashMap::new(), rx_slot: 0, tx_slot: 0 }
@@ -1771,7 +1781,12 @@ mod tests {
 
     #[test]
     fn guest_initiated_connection() {
-        let mut h = H::new();
+        guest_initiated_connection_with(false);
+        guest_initiated_connection_with(true);
+    }
+
+    fn guest_initiated_connection_with(event_idx: bool) {
+        let mut h = H::with_event_idx(event_idx);
         let listener = UnixListener::bind(format!("{}_5000", h.path.display())).unwrap();
         let mut s = h.guest_connect(&listener, 1234, 5000, 64 << 10);
         h.give_rx(8);
@@ -1838,6 +1853,10 @@ mod tests {
             }
         }
         assert!(written > CONN_RX_STAGE, "wrote {written}");
+        // No receive buffers: the device holds one staging buffer's worth and stops reading.
+        let token = h.dev.mux.by_ports[&(7000, 1000)];
+        assert_eq!(h.dev.mux.conns[&token].rx_buf.len(), CONN_RX_STAGE);
+        assert!(!h.listed(token));
         h.add_rx(64, true);
         h.dev.process_queue(RX_QUEUE);
         h.poll();
@@ -1846,7 +1865,6 @@ mod tests {
         assert_eq!(data, pattern(0, 8192), "exactly the guest's credit");
         assert_eq!(pkts.last().unwrap().0.op, OP_CREDIT_REQUEST);
         assert_eq!(pkts.iter().filter(|p| p.0.op == OP_CREDIT_REQUEST).count(), 1);
-        let token = h.dev.mux.by_ports[&(7000, 1000)];
         assert_eq!(h.dev.mux.conns[&token].rx_buf.len(), CONN_RX_STAGE);
         assert!(!h.listed(token), "a full staging buffer stops reading the socket");
 
@@ -2077,6 +2095,91 @@ mod tests {
         h.dev.mux.conns.get_mut(&token).unwrap().deadline = Some(Instant::now());
         h.dev.process_host_event(TOKEN_TIMER);
         assert_eq!(h.dev.connection_count(), 0);
+    }
+
+    /// A guest that behaves like Linux (respects the device's credit, tells its own, returns
+    /// buffers) moves 1 MiB each way through a host peer with a tiny socket buffer: everything
+    /// arrives intact and in order, and neither side ever exceeds its bounds.
+    #[test]
+    fn bulk_transfer_both_ways() {
+        const TOTAL: usize = 1 << 20;
+        const GUEST_BUF: u32 = 64 << 10;
+        let mut h = H::new();
+        let listener = UnixListener::bind(format!("{}_4000", h.path.display())).unwrap();
+        let mut s = h.guest_connect(&listener, 3000, 4000, GUEST_BUF);
+        s.set_nonblocking(true).unwrap();
+        shrink_sndbuf(&h, (4000, 3000));
+        let token = h.dev.mux.by_ports[&(4000, 3000)];
+        let host_out = pattern(0, TOTAL);
+        let guest_out = pattern(7, TOTAL);
+        let (mut host_sent, mut host_got) = (0usize, Vec::new());
+        let (mut guest_sent, mut guest_got) = (0usize, Vec::new());
+        // The guest's view of the device's credit, and its own counters.
+        let (mut dev_buf_alloc, mut dev_fwd_cnt) = (0u32, 0u32);
+        let (mut guest_fwd, mut guest_fwd_told) = (0u32, 0u32);
+        let mut outstanding_rx = 0usize;
+        let mut rounds = 0;
+        while host_got.len() < TOTAL || guest_got.len() < TOTAL {
+            rounds += 1;
+            assert!(rounds < 20_000, "stalled: host got {}, guest got {}", host_got.len(), guest_got.len());
+            // Host peer.
+            if host_sent < TOTAL {
+                match s.write(&host_out[host_sent..(host_sent + 8192).min(TOTAL)]) {
+                    Ok(n) => host_sent += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            host_got.extend(read_now(&mut s).0);
+            h.poll();
+            // Guest driver: keep receive buffers posted, consume what arrived.
+            if outstanding_rx < 32 {
+                h.add_rx(32 - outstanding_rx, rounds % 2 == 0);
+                outstanding_rx = 32;
+                h.dev.process_queue(RX_QUEUE);
+            }
+            let mut credit_asked = false;
+            for (p, d) in h.recv() {
+                outstanding_rx -= 1;
+                assert_eq!((p.src_port, p.dst_port), (4000, 3000));
+                dev_buf_alloc = p.buf_alloc;
+                dev_fwd_cnt = p.fwd_cnt;
+                match p.op {
+                    OP_RW => {
+                        guest_got.extend_from_slice(&d);
+                        guest_fwd = guest_fwd.wrapping_add(d.len() as u32);
+                    }
+                    OP_CREDIT_UPDATE => {}
+                    OP_CREDIT_REQUEST => credit_asked = true,
+                    op => panic!("unexpected op {op}"),
+                }
+                let in_flight = guest_got.len() as u32 - guest_fwd;
+                assert!(in_flight <= GUEST_BUF, "the device overran the guest's buffer");
+            }
+            if credit_asked || guest_fwd.wrapping_sub(guest_fwd_told) >= 16 << 10 {
+                let mut cu = ghdr(3000, 4000, OP_CREDIT_UPDATE);
+                cu.buf_alloc = GUEST_BUF;
+                cu.fwd_cnt = guest_fwd;
+                h.send(cu);
+                guest_fwd_told = guest_fwd;
+            }
+            // Guest sends within the device's credit.
+            let credit = dev_buf_alloc.wrapping_sub((guest_sent as u32).wrapping_sub(dev_fwd_cnt));
+            let n = (credit as usize).min(4096).min(TOTAL - guest_sent);
+            if n > 0 {
+                let mut rw = ghdr(3000, 4000, OP_RW);
+                rw.buf_alloc = GUEST_BUF;
+                rw.fwd_cnt = guest_fwd;
+                guest_fwd_told = guest_fwd;
+                h.send_data(rw, &guest_out[guest_sent..guest_sent + n]);
+                guest_sent += n;
+            }
+            let c = &h.dev.mux.conns[&token];
+            assert!(c.tx_buf.len() <= CONN_BUF_ALLOC as usize && c.rx_buf.len() <= CONN_RX_STAGE);
+        }
+        assert!(host_got == guest_out, "guest -> host data corrupted");
+        assert!(guest_got == host_out, "host -> guest data corrupted");
+        assert!(!h.dev.needs_reset());
     }
 
     #[test]
