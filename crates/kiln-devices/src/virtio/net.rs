@@ -8,9 +8,9 @@
 //! directions; the offloads the guest accepts decide which offloads the tap may hand us
 //! (`TUNSETOFFLOAD`, set on activation).
 //!
-//! - TX (queue 1): on notify, every available chain is gathered (device-readable descriptors
+//! - TX (queue 1): on notify, every available chain is checked (device-readable descriptors
 //!   only, at most [`MAX_FRAME_LEN`] plus the header, inside guest memory) and written to the tap
-//!   as one frame. A bad chain or a frame the tap refuses is counted and completed; every chain
+//!   as one frame with `writev` straight from guest memory. A bad chain or a frame the tap refuses is counted and completed; every chain
 //!   completes with used length 0.
 //! - RX (queue 0): when the tap is readable ([`VirtioDevice::host_fds`] lists it with
 //!   [`TAP_TOKEN`]) or the driver adds buffers, frames are read from the tap into available
@@ -22,6 +22,14 @@
 //!   subject to `needs_notification` (VIRTIO_RING_F_EVENT_IDX is offered).
 //!
 //! Everything the guest controls is checked; nothing here panics on guest or tap input.
+//!
+//! Wiring in the VMM: `Net::new(cfg)?`, keep `net.metrics_handle()` for the metrics endpoint,
+//! then `MmioTransport::new(mem, Box::new(net), interrupt)` with ioeventfds for queues 0 and 1.
+//! After every call into the transport (register writes, `notify_queue`, `host_event`) re-read
+//! `transport.host_fds()` and make the event loop's set match it (EPOLLIN, level-triggered is
+//! fine: the tap is only listed while frames can be taken); on readiness call
+//! `transport.host_event(token)`. The tap fd stays open for the device's lifetime, across
+//! resets.
 
 mod tap;
 #[cfg(test)]
@@ -36,6 +44,7 @@ use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::volatile_memory::PtrGuard;
 use vm_memory::{Bytes, GuestMemoryBackend};
 
 use super::queue_util::{drain_queue, Chain, QueueError};
@@ -275,7 +284,6 @@ pub struct Net {
     active: Option<Active>,
     broken: bool,
     rx: RxState,
-    tx_buf: Vec<u8>,
     metrics: Arc<NetMetrics>,
 }
 
@@ -382,7 +390,6 @@ impl Net {
                 descs: Vec::new(),
                 parts: Vec::new(),
             },
-            tx_buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
             metrics: Arc::new(NetMetrics::default()),
         }
     }
@@ -458,9 +465,9 @@ impl Net {
 
     fn process_tx(&mut self) {
         let Some(active) = self.active.as_mut() else { return };
-        let (tap, buf, metrics) = (&self.tap, &mut self.tx_buf, &*self.metrics);
+        let (tap, metrics) = (&self.tap, &*self.metrics);
         let result = drain_queue(&mut active.tx, &active.mem, &active.interrupt, |mem, chain| {
-            transmit(tap, buf, metrics, mem, chain);
+            transmit(tap, metrics, mem, chain);
             0
         });
         if let Err(e) = result {
@@ -496,10 +503,11 @@ impl Net {
     }
 }
 
-/// Gathers one tx chain and writes it to the tap, counting the outcome.
-fn transmit(tap: &Tap, buf: &mut [u8], metrics: &NetMetrics, mem: &GuestMemory, chain: Chain<'_>) {
-    match gather_tx(buf, mem, chain) {
-        Ok(len) => match tap.write_frame(&buf[..len]) {
+/// Writes one tx chain to the tap, straight from guest memory, counting the outcome.
+fn transmit(tap: &Tap, metrics: &NetMetrics, mem: &GuestMemory, chain: Chain<'_>) {
+    let mut pieces = Vec::with_capacity(4);
+    match tx_pieces(mem, chain, &mut pieces) {
+        Ok(len) => match tap.write_pieces(&pieces, len) {
             Ok(()) => {
                 inc(&metrics.tx_packets, 1);
                 inc(&metrics.tx_bytes, (len - VNET_HDR_LEN) as u64);
@@ -518,28 +526,31 @@ fn transmit(tap: &Tap, buf: &mut [u8], metrics: &NetMetrics, mem: &GuestMemory, 
     }
 }
 
-/// Copies a tx chain (vnet header + frame) into `buf`, which holds the largest allowed; returns
-/// its length.
-fn gather_tx(buf: &mut [u8], mem: &GuestMemory, chain: Chain<'_>) -> Result<usize, &'static str> {
-    let mut at = 0usize;
+/// Checks a tx chain (vnet header + frame: device-readable, inside guest memory, at most
+/// [`MAX_FRAME_LEN`] after the header) and collects the host mappings of its buffers. Returns
+/// the total length.
+fn tx_pieces(mem: &GuestMemory, chain: Chain<'_>, pieces: &mut Vec<PtrGuard>) -> Result<usize, &'static str> {
+    let mut total = 0usize;
     for d in chain {
         if d.is_write_only() {
             return Err("device-writable descriptor");
         }
         let len = d.len() as usize;
-        let Some(dst) = at.checked_add(len).and_then(|end| buf.get_mut(at..end)) else {
-            return Err("frame too long");
-        };
-        if !GuestMemoryBackend::check_range(mem, d.addr(), len) {
-            return Err("descriptor outside guest memory");
+        total =
+            total.checked_add(len).filter(|t| *t <= VNET_HDR_LEN + MAX_FRAME_LEN).ok_or("frame too long")?;
+        // One slice per guest memory region the buffer touches; an error if it leaves memory.
+        for slice in mem.get_slices(d.addr(), len) {
+            let slice = slice.map_err(|_| "descriptor outside guest memory")?;
+            pieces.push(slice.ptr_guard());
         }
-        mem.read_slice(dst, d.addr()).map_err(|_| "descriptor outside guest memory")?;
-        at += len;
+        if pieces.len() > tap::MAX_PIECES {
+            return Err("too many pieces");
+        }
     }
-    if at <= VNET_HDR_LEN {
+    if total <= VNET_HDR_LEN {
         return Err("no frame after the vnet header");
     }
-    Ok(at)
+    Ok(total)
 }
 
 /// Pops the next rx chain; `Ok(None)` when the ring is empty, in which case notifications are

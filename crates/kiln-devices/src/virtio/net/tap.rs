@@ -1,13 +1,15 @@
 //! The host side of virtio-net: an existing tap device, attached through `/dev/net/tun` with a
 //! virtio-net header in front of every frame (`IFF_VNET_HDR`), non-blocking.
 //!
-//! The raw `ioctl`s live here and nowhere else in the device.
+//! The raw `ioctl`s and `writev` live here and nowhere else in the device.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, RawFd};
+
+use vm_memory::volatile_memory::PtrGuard;
 
 use super::NetError;
 
@@ -29,6 +31,9 @@ pub const TUN_F_CSUM: u32 = 0x01;
 pub const TUN_F_TSO4: u32 = 0x02;
 pub const TUN_F_TSO6: u32 = 0x04;
 pub const TUN_F_UFO: u32 = 0x10;
+
+/// Most pieces one frame may be gathered from (the kernel's `UIO_MAXIOV`).
+pub(super) const MAX_PIECES: usize = 1024;
 
 /// `IFNAMSIZ` including the terminating NUL.
 const IFNAMSIZ: usize = 16;
@@ -192,17 +197,36 @@ impl Tap {
         }
     }
 
-    /// Writes one frame (with its vnet header).
-    pub(super) fn write_frame(&self, frame: &[u8]) -> io::Result<()> {
+    /// Writes one frame (with its vnet header) gathered from `pieces` of guest memory, at most
+    /// [`MAX_PIECES`] of them, `total` bytes together.
+    pub(super) fn write_pieces(&self, pieces: &[PtrGuard], total: usize) -> io::Result<()> {
+        if pieces.len() > MAX_PIECES {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let iovs: Vec<libc::iovec> = pieces
+            .iter()
+            .map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() })
+            .collect();
+        let count =
+            libc::c_int::try_from(iovs.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         loop {
-            match (&self.file).write(frame) {
-                Ok(n) if n == frame.len() => return Ok(()),
-                Ok(n) => {
-                    return Err(io::Error::other(format!("short write to the tap: {n} of {}", frame.len())))
+            // SAFETY: each iovec describes a range of guest memory that vm-memory checked to lie
+            // inside a mapped region and whose mapping the caller's guards (and the borrowed
+            // guest memory) keep alive for the whole call; writev only reads through them, and
+            // `iovs` lives across the call with `count` entries.
+            let n = unsafe { libc::writev(self.file.as_raw_fd(), iovs.as_ptr(), count) };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                return Err(err);
             }
+            // A tap takes a frame whole or not at all.
+            return match usize::try_from(n) {
+                Ok(n) if n == total => Ok(()),
+                _ => Err(io::Error::other(format!("short write to the tap: {n} of {total} bytes"))),
+            };
         }
     }
 }

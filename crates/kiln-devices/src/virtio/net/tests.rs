@@ -21,8 +21,19 @@ const TX_BASE: u64 = 0x4000;
 const DATA: u64 = 0x10_0000;
 const MAC: [u8; 6] = [0x06, 0x00, 0xac, 0x10, 0x00, 0x02];
 
+/// Where one guest memory region ends and the next begins.
+const REGION_EDGE: u64 = 0x20_0000;
+/// A hole in guest memory.
+const HOLE: u64 = 0x30_0000;
+
+/// Three regions: two adjacent ones (a buffer may span both), then a hole, then the last.
 fn memory() -> GuestMemory {
-    GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    GuestMemory::from_ranges(&[
+        (GuestAddress(0), REGION_EDGE as usize),
+        (GuestAddress(REGION_EDGE), (HOLE - REGION_EDGE) as usize),
+        (GuestAddress(HOLE + 0x8_0000), MEM_SIZE - (HOLE + 0x8_0000) as usize),
+    ])
+    .unwrap()
 }
 
 /// The driver side of one split queue: descriptor table at `base`, available ring at
@@ -320,6 +331,32 @@ fn tx_frames_reach_the_tap_and_batch_one_interrupt() {
     assert!(h.host_recv().is_none());
     let m = h.net.metrics().snapshot();
     assert_eq!((m.tx_packets, m.tx_bytes, m.tx_dropped), (3, 60 + 1514 * 2, 0));
+}
+
+#[test]
+fn tx_buffers_spanning_memory_regions() {
+    let mut h = harness_with(plain(), 16);
+    let mut msg = vnet_hdr(0).to_vec();
+    msg.extend_from_slice(&frame(3000, 8));
+    let start = REGION_EDGE - 1000;
+    h.mem.write_slice(&msg, GuestAddress(start)).unwrap();
+    h.tx.add_chain(&h.mem, &[(start, msg.len() as u32, 0)]);
+    // Running into the hole after the second region.
+    h.tx.add_chain(&h.mem, &[(HOLE - 100, 200, 0)]);
+    h.net.process_queue(TX_QUEUE);
+    assert_eq!(h.tx.take_used(&h.mem), vec![(0, 0), (1, 0)]);
+    assert_eq!(h.host_recv().unwrap(), msg);
+    assert!(h.host_recv().is_none());
+    let m = h.net.metrics().snapshot();
+    assert_eq!((m.tx_packets, m.tx_invalid_chains), (1, 1));
+    // rx the other way round: a buffer across the region edge, one running into the hole.
+    h.rx.add_chain(&h.mem, &[(HOLE - 100, 2000, F_WRITE)]);
+    h.rx.add_chain(&h.mem, &[(start, 4000, F_WRITE)]);
+    let f = frame(3000, 9);
+    h.host_send(&f);
+    h.net.process_host_event(TAP_TOKEN);
+    assert_eq!(h.rx.take_used(&h.mem), vec![(0, 0), (1, 3012)]);
+    assert_eq!(bytes(&h.mem, start + 12, 3000), f);
 }
 
 #[test]
