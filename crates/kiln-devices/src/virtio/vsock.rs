@@ -1793,6 +1793,9 @@ mod tests {
 
         h.send_data(ghdr(1234, 5000, OP_RW), b"ping");
         assert_eq!(read_now(&mut s), (b"ping".to_vec(), false));
+        h.send(ghdr(1234, 5000, OP_CREDIT_REQUEST));
+        let (p, _) = h.recv_one();
+        assert_eq!((p.op, p.buf_alloc, p.fwd_cnt), (OP_CREDIT_UPDATE, CONN_BUF_ALLOC, 4));
 
         s.write_all(b"pong").unwrap();
         h.poll();
@@ -1810,11 +1813,15 @@ mod tests {
         let (p, data) = h.recv_one();
         assert_eq!((p.op, data.as_slice()), (OP_RW, &b"more"[..]));
 
-        // The host closes: SHUTDOWN to the guest, whose RST ends the connection.
+        // The host writes and closes: the data, then SHUTDOWN to the guest, whose RST ends the
+        // connection.
+        s.write_all(b"bye").unwrap();
         drop(s);
         h.poll();
-        let (p, _) = h.recv_one();
-        assert_eq!((p.op, p.flags), (OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND));
+        let pkts = h.recv();
+        assert_eq!(pkts.len(), 2);
+        assert_eq!((pkts[0].0.op, pkts[0].1.as_slice()), (OP_RW, &b"bye"[..]));
+        assert_eq!((pkts[1].0.op, pkts[1].0.flags), (OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND));
         assert_eq!(h.dev.connection_count(), 1);
         h.send(ghdr(1234, 5000, OP_RST));
         assert_eq!(h.dev.connection_count(), 0);
