@@ -904,6 +904,51 @@ fn a_refused_instance_start_leaves_the_vmm_serving() {
     vmm.assert_healthy("a refused, then a successful InstanceStart");
 }
 
+/// The same with a realistic trigger: `huge_pages: "2M"` on a host with no huge pages reserved.
+/// InstanceStart must be a 400 that names huge pages (it now blames the kernel image: "Unable to
+/// read kernel image"), and the VMM must keep serving (it now exits with code 2).
+#[test]
+#[ignore = "kiln-vmm bug: InstanceStart with huge_pages 2M and no huge pages reserved answers 400 blaming the kernel image, then the process exits with code 2 and no message"]
+fn instance_start_without_huge_pages_reserved_is_refused_and_the_vmm_keeps_serving() {
+    require_kvm!();
+    let reserved = std::fs::read_to_string("/proc/sys/vm/nr_hugepages").unwrap_or_default();
+    if reserved.trim() != "0" {
+        eprintln!(
+            "SKIPPED: this host reserves huge pages ({}), so 2M-backed memory may work",
+            reserved.trim()
+        );
+        return;
+    }
+    let spec = Spec::load();
+    let fx = Fixture::new();
+    let mut vmm = Vmm::spawn(fx.dir.path());
+    let mut c = Checker::new(&spec, &vmm);
+    c.expect("PUT", "/boot-source", Some(&fx.boot_source()), 204);
+    c.expect(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 32, "huge_pages": "2M"}"#),
+        204,
+    );
+    let r = c.expect("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#), 400);
+    if r.status == 400 && !r.text().to_ascii_lowercase().contains("huge") {
+        c.failures.push(format!("the refusal does not name huge pages: {}", r.text()));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        vmm.alive(),
+        "kiln-vmm exited after a refused InstanceStart: {:?}\nfailures: {:?}\nstderr: {}",
+        vmm.child.try_wait(),
+        c.failures,
+        tail(&vmm.stderr(), 2000)
+    );
+    c.expect("PATCH", "/machine-config", Some(r#"{"huge_pages": "None"}"#), 204);
+    c.expect("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#), 204);
+    assert!(wait_until(Duration::from_secs(10), || vmm.console().contains("tick:.")), "{}", vmm.console());
+    c.finish(&vmm);
+    vmm.assert_healthy("a refused, then a successful InstanceStart");
+}
+
 /// The validator itself: it must catch what it is there to catch.
 #[test]
 fn the_validator_catches_contract_violations() {
@@ -1475,11 +1520,15 @@ fn hostile_texts(rng: &mut Rng, valid: &str) -> String {
 fn fuzz_json_bodies(spec: &Spec, fx: &Fixture, vmm: &Vmm, seed: u64, budget: Duration) {
     let started = Instant::now();
     let mut c = Checker::new(spec, vmm);
-    let mut rng = Rng(seed);
+    let env_seed = std::env::var("KILN_API_FUZZ_SEED").ok().and_then(|v| v.parse::<u64>().ok());
+    let mut rng = Rng(env_seed.map_or(seed, |e| e ^ seed));
+    let rounds =
+        std::env::var("KILN_API_FUZZ_ROUNDS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(6);
+    let budget = if rounds > 6 { Duration::from_secs(3600) } else { budget };
     let ops: Vec<(String, String)> =
         spec.operations().into_iter().filter(|(_, m)| m == "PUT" || m == "PATCH").collect();
     let mut sent = 0usize;
-    'rounds: for round in 0..6 {
+    'rounds: for round in 0..rounds {
         for (template, method) in &ops {
             if started.elapsed() > budget {
                 break 'rounds;
@@ -1532,7 +1581,33 @@ fn fuzz_json_bodies(spec: &Spec, fx: &Fixture, vmm: &Vmm, seed: u64, budget: Dur
                 }
                 body.truncate(end);
             }
-            c.req(method, &path, Some(&body), None);
+            // A body the swagger's request schema refuses must be refused (400). Leniencies
+            // pinned elsewhere are left out: a JSON array for an object (see
+            // bodies_that_are_not_objects_are_refused) and `null` for an optional field.
+            let schema = spec.request_schema(spec.operation(method, template).unwrap()).unwrap();
+            let must_refuse = match serde_json::from_str::<Value>(&body) {
+                Err(_) => true,
+                Ok(v) if v.is_array() => false,
+                Ok(mut v) => {
+                    // The swagger gives PATCH /machine-config the PUT schema (both fields required);
+                    // Firecracker, and kiln-vmm, take any subset.
+                    let partial = (method.as_str(), template.as_str()) == ("PATCH", "/machine-config");
+                    let required: Vec<Value> = match spec.resolve(schema).get("required") {
+                        Some(Value::Array(r)) if !partial => r.clone(),
+                        _ => Vec::new(),
+                    };
+                    if let Some(o) = v.as_object_mut() {
+                        o.retain(|k, val| !val.is_null() || required.contains(&json!(k)));
+                    }
+                    let mut errs = Vec::new();
+                    spec.validate(schema, &v, "$", &mut errs);
+                    if partial {
+                        errs.retain(|e| !e.contains("is missing"));
+                    }
+                    !errs.is_empty()
+                }
+            };
+            c.req(method, &path, Some(&body), must_refuse.then_some(400));
         }
     }
     eprintln!("fuzzed JSON: {sent} requests in {:?}", started.elapsed());
