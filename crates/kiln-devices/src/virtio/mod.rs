@@ -1,9 +1,12 @@
 //! Virtio devices and the virtio-mmio transport that exposes them to the guest.
 
+pub mod balloon;
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod queue_util;
 pub mod rng;
+pub mod vsock;
 
 use crate::interrupt::VirtioInterrupt;
 use crate::GuestMemory;
