@@ -203,6 +203,11 @@ where
 }
 
 fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, RequestError> {
+    // Every body in the API is a JSON object; serde would otherwise read an array positionally
+    // into a struct (`[2, 96]` as a machine config).
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(RequestError::Json("the request body must be a JSON object".into()));
+    }
     serde_json::from_slice(body).map_err(|e| RequestError::Json(e.to_string()))
 }
 

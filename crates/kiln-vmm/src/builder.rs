@@ -116,9 +116,13 @@ pub struct BuildOptions {
 /// 2 MiB huge pages.
 pub fn create_guest_memory(mem_bytes: u64, huge_pages: bool) -> Result<GuestMemoryMmap, StartMicrovmError> {
     let mib = mem_bytes >> 20;
-    let mut flags = libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE;
+    let mut flags = libc::MAP_ANONYMOUS | libc::MAP_PRIVATE;
     if huge_pages {
+        // Reserved up front (no MAP_NORESERVE): a host without enough free 2 MiB pages fails here,
+        // clearly, rather than with SIGBUS or failed guest-memory writes later.
         flags |= libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
+    } else {
+        flags |= libc::MAP_NORESERVE;
     }
     let mut regions = Vec::new();
     for (start, len) in ram_ranges(mem_bytes) {

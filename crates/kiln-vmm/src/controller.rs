@@ -75,11 +75,30 @@ enum State {
 /// Host-side settings for the VM the controller will start.
 pub struct ControllerOptions {
     pub start: StartTime,
-    pub serial_out: Box<dyn Write + Send>,
+    pub serial_out: SharedWriter,
     pub serial_in: bool,
     pub allow_pvm: bool,
     /// Receives the process exit code when the started VM ends.
     pub exit_tx: mpsc::Sender<i32>,
+}
+
+/// A writer several owners can hold (the serial console's output survives a refused start).
+#[derive(Clone)]
+pub struct SharedWriter(std::sync::Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl SharedWriter {
+    pub fn new(w: Box<dyn Write + Send>) -> Self {
+        Self(std::sync::Arc::new(Mutex::new(w)))
+    }
+}
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        lock(&self.0).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        lock(&self.0).flush()
+    }
 }
 
 /// Holds the configuration, starts the VM, and controls it afterwards.
@@ -132,9 +151,32 @@ impl Controller {
 
     pub fn handle(&self, action: VmmAction) -> Result<ActionOutput, ActionError> {
         match action {
-            VmmAction::SetBootSource(b) => self.pre_boot()?.boot_source = Some(b),
+            VmmAction::SetBootSource(b) => {
+                let mut cfg = self.pre_boot()?;
+                crate::loader::detect_format(&b.kernel_image_path)
+                    .map_err(|e| ActionError::Invalid(crate::error_chain(&e)))?;
+                if let Some(initrd) = &b.initrd_path {
+                    std::fs::File::open(initrd).map_err(|e| {
+                        ActionError::Invalid(format!("cannot read initrd {}: {e}", initrd.display()))
+                    })?;
+                }
+                cfg.boot_source = Some(b);
+            }
             VmmAction::InsertDrive(d) => {
                 let mut cfg = self.pre_boot()?;
+                resources::validate_drive(&d).map_err(|e| ActionError::Invalid(e.to_string()))?;
+                // Open it now, as the VM will, so a bad backing file is refused here.
+                if let Some(path) = &d.path_on_host {
+                    let probe = kiln_devices::virtio::block::BlockConfig {
+                        id: d.drive_id.clone(),
+                        path: path.clone(),
+                        read_only: d.is_read_only.unwrap_or(false),
+                        cache: kiln_devices::virtio::block::CacheType::Unsafe,
+                    };
+                    kiln_devices::virtio::block::Block::new(probe).map_err(|e| {
+                        ActionError::Invalid(format!("drive '{}': {}", d.drive_id, crate::error_chain(&e)))
+                    })?;
+                }
                 if d.is_root_device && cfg.drives.iter().any(|x| x.is_root_device && x.drive_id != d.drive_id)
                 {
                     return Err(ActionError::Invalid("A root block device already exists!".into()));
@@ -170,7 +212,12 @@ impl Controller {
                     }
                 }
             }
-            VmmAction::SetMachineConfig(m) => self.pre_boot()?.machine_config = Some(m),
+            VmmAction::SetMachineConfig(m) => {
+                let mut cfg = self.pre_boot()?;
+                resources::validate_machine_config(&m, resources::host_memory_mib())
+                    .map_err(|e| ActionError::Invalid(e.to_string()))?;
+                cfg.machine_config = Some(m);
+            }
             VmmAction::UpdateMachineConfig(u) => {
                 let mut cfg = self.pre_boot()?;
                 let mut m = cfg.machine_config.clone().unwrap_or_else(default_machine_config);
@@ -192,9 +239,15 @@ impl Controller {
                 if let Some(v) = u.huge_pages {
                     m.huge_pages = v;
                 }
+                resources::validate_machine_config(&m, resources::host_memory_mib())
+                    .map_err(|e| ActionError::Invalid(e.to_string()))?;
                 cfg.machine_config = Some(m);
             }
-            VmmAction::SetEntropy(e) => self.pre_boot()?.entropy = Some(e),
+            VmmAction::SetEntropy(e) => {
+                let mut cfg = self.pre_boot()?;
+                resources::validate_entropy(&e).map_err(|e| ActionError::Invalid(e.to_string()))?;
+                cfg.entropy = Some(e);
+            }
             VmmAction::GetMachineConfig => {
                 let m = lock(&self.config).machine_config.clone().unwrap_or_else(default_machine_config);
                 return Ok(ActionOutput::MachineConfig(m));
@@ -224,29 +277,24 @@ impl Controller {
         let cfg = lock(&self.config).clone();
         let res = VmResources::from_config(&cfg, resources::host_memory_mib())
             .map_err(|e| ActionError::Start(e.to_string()))?;
-        let opts = lock(&self.opts).take().ok_or(ActionError::StartedTwice)?;
-        let fail =
-            |e: &dyn std::error::Error, opts: ControllerOptions, slot: &Mutex<Option<ControllerOptions>>| {
-                *lock(slot) = Some(opts);
-                ActionError::Start(crate::error_chain(e))
-            };
-        let backends = match builder::open_backends(&res) {
-            Ok(b) => b,
-            Err(e) => return Err(fail(&e, opts, &self.opts)),
-        };
+        let mut opts_slot = lock(&self.opts);
+        let opts = opts_slot.as_ref().ok_or(ActionError::StartedTwice)?;
+        let start_err = |e: &dyn std::error::Error| ActionError::Start(crate::error_chain(e));
+        // Nothing below consumes the options until the VM is built, so a refused start leaves the
+        // VMM serving and a corrected configuration can be started.
+        let backends = builder::open_backends(&res).map_err(|e| start_err(&e))?;
         if kvm_host::host_is_pvm() && !opts.allow_pvm {
-            *lock(&self.opts) = Some(opts);
             return Err(ActionError::Start(kvm_host::PVM_EXPLANATION.into()));
         }
-        let host = match KvmHost::open() {
-            Ok(h) => h,
-            Err(e) => return Err(fail(&e, opts, &self.opts)),
+        let host = KvmHost::open().map_err(|e| start_err(&e))?;
+        let build = BuildOptions {
+            serial_out: Box::new(opts.serial_out.clone()),
+            serial_in: opts.serial_in,
+            start: opts.start,
         };
-        let ControllerOptions { start, serial_out, serial_in, exit_tx, .. } = opts;
-        let vmm =
-            builder::build_microvm(&res, backends, &host, BuildOptions { serial_out, serial_in, start })
-                .map_err(|e| ActionError::Start(crate::error_chain(&e)))?;
-        *state = State::Running(vmm.handle());
+        let vmm = builder::build_microvm(&res, backends, &host, build).map_err(|e| start_err(&e))?;
+        let exit_tx = opts.exit_tx.clone();
+        let vm_handle = vmm.handle();
         std::thread::Builder::new()
             .name("kiln_vmm".into())
             .spawn(move || {
@@ -267,6 +315,8 @@ impl Controller {
                 let _ = exit_tx.send(code);
             })
             .map_err(|e| ActionError::Start(format!("cannot start the VMM thread: {e}")))?;
+        *state = State::Running(vm_handle);
+        *opts_slot = None;
         Ok(())
     }
 }

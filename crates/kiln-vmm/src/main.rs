@@ -195,7 +195,7 @@ fn run_api(args: &Args, start: StartTime) -> Result<i32, Failure> {
     let (exit_tx, exit_rx) = std::sync::mpsc::channel();
     let controller = std::sync::Arc::new(Controller::new(ControllerOptions {
         start,
-        serial_out: open_serial_out(args.serial_out.as_ref())?,
+        serial_out: kiln_vmm::controller::SharedWriter::new(open_serial_out(args.serial_out.as_ref())?),
         serial_in: !args.no_stdin,
         allow_pvm: args.allow_pvm,
         exit_tx,

@@ -97,6 +97,57 @@ fn valid_drive_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// Checks a machine configuration (also applied at `PUT`/`PATCH /machine-config`).
+pub fn validate_machine_config(
+    m: &models::MachineConfiguration,
+    host_memory_mib: Option<u64>,
+) -> Result<(), ResourcesError> {
+    if m.cpu_template.as_ref().is_some_and(|t| *t != models::CpuTemplate::None) {
+        return Err(unsupported("machine-config.cpu_template"));
+    }
+    if m.vcpu_count == 0 || m.vcpu_count > MAX_VCPUS {
+        return Err(ResourcesError::VcpuCount(m.vcpu_count));
+    }
+    if m.smt && m.vcpu_count > 1 && m.vcpu_count % 2 == 1 {
+        return Err(ResourcesError::VcpuCountSmt(m.vcpu_count));
+    }
+    if m.mem_size_mib == 0 {
+        return Err(ResourcesError::MemoryZero);
+    }
+    if let Some(available) = host_memory_mib {
+        if m.mem_size_mib > available {
+            return Err(ResourcesError::MemoryTooLarge { requested: m.mem_size_mib, available });
+        }
+    }
+    Ok(())
+}
+
+/// Checks one drive's own fields (also applied at `PUT /drives/{id}`); cross-drive rules (unique
+/// ids, one root) are checked over the whole set.
+pub fn validate_drive(d: &models::Drive) -> Result<(), ResourcesError> {
+    if !valid_drive_id(&d.drive_id) {
+        return Err(ResourcesError::DriveId(d.drive_id.clone()));
+    }
+    if d.socket.is_some() {
+        return Err(unsupported("vhost-user block drives ('socket')"));
+    }
+    if d.rate_limiter.is_some() {
+        return Err(unsupported(&format!("drive '{}' rate_limiter", d.drive_id)));
+    }
+    if d.path_on_host.is_none() {
+        return Err(ResourcesError::DrivePath(d.drive_id.clone()));
+    }
+    Ok(())
+}
+
+/// Checks the entropy device (also applied at `PUT /entropy`).
+pub fn validate_entropy(e: &models::EntropyDevice) -> Result<(), ResourcesError> {
+    if e.rate_limiter.is_some() {
+        return Err(unsupported("entropy rate_limiter"));
+    }
+    Ok(())
+}
+
 impl VmResources {
     /// Validates a Firecracker configuration. `host_memory_mib` is RAM + swap, when known.
     pub fn from_config(
@@ -107,9 +158,7 @@ impl VmResources {
 
         let (vcpu_count, mem_size_mib, smt, huge_pages_2m) = match &cfg.machine_config {
             Some(m) => {
-                if m.cpu_template.as_ref().is_some_and(|t| *t != models::CpuTemplate::None) {
-                    return Err(unsupported("machine-config.cpu_template"));
-                }
+                validate_machine_config(m, host_memory_mib)?;
                 if m.track_dirty_pages {
                     tracing::warn!(
                         "track_dirty_pages is accepted but has no effect until snapshots are supported"
@@ -119,20 +168,6 @@ impl VmResources {
             }
             None => (DEFAULT_VCPUS, DEFAULT_MEM_MIB, false, false),
         };
-        if vcpu_count == 0 || vcpu_count > MAX_VCPUS {
-            return Err(ResourcesError::VcpuCount(vcpu_count));
-        }
-        if smt && vcpu_count > 1 && vcpu_count % 2 == 1 {
-            return Err(ResourcesError::VcpuCountSmt(vcpu_count));
-        }
-        if mem_size_mib == 0 {
-            return Err(ResourcesError::MemoryZero);
-        }
-        if let Some(available) = host_memory_mib {
-            if mem_size_mib > available {
-                return Err(ResourcesError::MemoryTooLarge { requested: mem_size_mib, available });
-            }
-        }
 
         for (present, what) in [
             (!cfg.network_interfaces.is_empty(), "network-interfaces"),
@@ -153,17 +188,9 @@ impl VmResources {
         let mut seen = HashSet::new();
         let mut root: Option<String> = None;
         for d in &cfg.drives {
-            if !valid_drive_id(&d.drive_id) {
-                return Err(ResourcesError::DriveId(d.drive_id.clone()));
-            }
+            validate_drive(d)?;
             if !seen.insert(d.drive_id.clone()) {
                 return Err(ResourcesError::DuplicateDrive(d.drive_id.clone()));
-            }
-            if d.socket.is_some() {
-                return Err(unsupported("vhost-user block drives ('socket')"));
-            }
-            if d.rate_limiter.is_some() {
-                return Err(unsupported(&format!("drive '{}' rate_limiter", d.drive_id)));
             }
             let path = d.path_on_host.clone().ok_or_else(|| ResourcesError::DrivePath(d.drive_id.clone()))?;
             if d.is_root_device {
@@ -191,8 +218,10 @@ impl VmResources {
         drives.sort_by_key(|d| !d.is_root);
 
         let entropy = match &cfg.entropy {
-            Some(e) if e.rate_limiter.is_some() => return Err(unsupported("entropy rate_limiter")),
-            Some(_) => true,
+            Some(e) => {
+                validate_entropy(e)?;
+                true
+            }
             None => false,
         };
         let devices = drives.len() + usize::from(entropy);

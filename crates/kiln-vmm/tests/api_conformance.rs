@@ -787,7 +787,6 @@ fn assert_refused_when_put(requests: &[(&str, &str, String, &str)]) {
 }
 
 #[test]
-#[ignore = "kiln-vmm bug: PUT /machine-config answers 204 to vcpu_count 0 or 33 (swagger: 1..=32), an odd count with smt, mem_size_mib 0; refused only at InstanceStart, and GET /vm/config meanwhile violates the schema"]
 fn put_machine_config_refuses_invalid_values_at_once() {
     assert_refused_when_put(&[
         ("PUT", "/machine-config", r#"{"vcpu_count": 0, "mem_size_mib": 64}"#.into(), "vcpu"),
@@ -802,7 +801,6 @@ fn put_machine_config_refuses_invalid_values_at_once() {
 }
 
 #[test]
-#[ignore = "kiln-vmm bug: PUT /boot-source answers 204 when kernel_image_path or initrd_path cannot be opened (Firecracker: 400 at once); refused only at InstanceStart"]
 fn put_boot_source_refuses_files_that_cannot_be_opened() {
     assert_refused_when_put(&[
         (
@@ -821,7 +819,6 @@ fn put_boot_source_refuses_files_that_cannot_be_opened() {
 }
 
 #[test]
-#[ignore = "kiln-vmm bug: PUT /drives/{id} answers 204 when path_on_host cannot be opened or is missing (and no socket) (Firecracker: 400 at once); refused only at InstanceStart"]
 fn put_drive_refuses_a_backing_file_that_cannot_be_opened() {
     assert_refused_when_put(&[
         (
@@ -838,7 +835,6 @@ fn put_drive_refuses_a_backing_file_that_cannot_be_opened() {
 /// Every request body in the swagger is `type: object`; serde's derived structs also take a JSON
 /// array of the fields in order, so `PUT /machine-config [2, 96]` sets 2 vCPUs and 96 MiB.
 #[test]
-#[ignore = "kiln-vmm bug (kiln-fc-api routing): a JSON array in place of an object body is accepted positionally (PUT /machine-config [2,96] -> 204)"]
 fn bodies_that_are_not_objects_are_refused() {
     assert_refused_when_put(&[
         ("PUT", "/machine-config", "[2, 96]".into(), "json"),
@@ -848,7 +844,6 @@ fn bodies_that_are_not_objects_are_refused() {
 }
 
 #[test]
-#[ignore = "kiln-vmm bug: fields docs/kiln-vmm.md says are refused (entropy and drive rate_limiter, drive socket, cpu_template) are accepted with 204 by PUT and refused only at InstanceStart"]
 fn put_refuses_unsupported_fields_at_once_as_documented() {
     let tb = json!({"size": 1, "refill_time": 1});
     assert_refused_when_put(&[
@@ -876,7 +871,6 @@ fn put_refuses_unsupported_fields_at_once_as_documented() {
 /// (here: linked below 1 MiB, "Invalid entry address"), kiln-vmm answers 400 and then exits with
 /// code 2 and nothing on stderr.
 #[test]
-#[ignore = "kiln-vmm bug: after an InstanceStart refused while building the VM (kernel ELF that fails to load) the process exits with code 2 and no message"]
 fn a_refused_instance_start_leaves_the_vmm_serving() {
     require_kvm!();
     let spec = Spec::load();
@@ -908,7 +902,6 @@ fn a_refused_instance_start_leaves_the_vmm_serving() {
 /// InstanceStart must be a 400 that names huge pages (it now blames the kernel image: "Unable to
 /// read kernel image"), and the VMM must keep serving (it now exits with code 2).
 #[test]
-#[ignore = "kiln-vmm bug: InstanceStart with huge_pages 2M and no huge pages reserved answers 400 blaming the kernel image, then the process exits with code 2 and no message"]
 fn instance_start_without_huge_pages_reserved_is_refused_and_the_vmm_keeps_serving() {
     require_kvm!();
     let reserved = std::fs::read_to_string("/proc/sys/vm/nr_hugepages").unwrap_or_default();
