@@ -24,6 +24,8 @@ impl VmmApi {
             Ok(ActionOutput::Done) => ApiResponse::no_content(),
             Ok(ActionOutput::MachineConfig(m)) => ApiResponse::ok(&m),
             Ok(ActionOutput::VmConfig(c)) => ApiResponse::ok(&*c),
+            Ok(ActionOutput::Balloon(b)) => ApiResponse::ok(&b),
+            Ok(ActionOutput::BalloonStats(b)) => ApiResponse::ok(&*b),
             Err(e) => ApiResponse::bad_request(e.to_string()),
         }
     }
@@ -53,6 +55,13 @@ impl ApiHandler for VmmApi {
             ApiRequest::PatchMachineConfig(m) => self.act(VmmAction::UpdateMachineConfig(m)),
             ApiRequest::GetVmConfig => self.act(VmmAction::GetVmConfig),
             ApiRequest::PutEntropy(e) => self.act(VmmAction::SetEntropy(e)),
+            ApiRequest::PutNetworkInterface(n) => self.act(VmmAction::InsertNetworkInterface(n)),
+            ApiRequest::PutVsock(v) => self.act(VmmAction::SetVsock(v)),
+            ApiRequest::PutBalloon(b) => self.act(VmmAction::SetBalloon(b)),
+            ApiRequest::PatchBalloon(b) => self.act(VmmAction::UpdateBalloon(b)),
+            ApiRequest::GetBalloon => self.act(VmmAction::GetBalloon),
+            ApiRequest::GetBalloonStats => self.act(VmmAction::GetBalloonStats),
+            ApiRequest::PatchBalloonStats(u) => self.act(VmmAction::UpdateBalloonStats(u)),
             ApiRequest::PatchVm(vm) => self.act(match vm.state {
                 VmState::Paused => VmmAction::Pause,
                 VmState::Resumed => VmmAction::Resume,

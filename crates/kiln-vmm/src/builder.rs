@@ -10,9 +10,12 @@ use kiln_devices::interrupt::{IrqTrigger, VirtioInterrupt};
 use kiln_devices::legacy::boot_timer::{BootTimer, StartTime};
 use kiln_devices::legacy::i8042::I8042Device;
 use kiln_devices::legacy::serial::SerialDevice;
+use kiln_devices::virtio::balloon::{Balloon, BalloonConfig, BalloonError};
 use kiln_devices::virtio::block::{Block, BlockConfig, BlockError};
 use kiln_devices::virtio::mmio::MmioTransport;
+use kiln_devices::virtio::net::{Net, NetConfig, NetError};
 use kiln_devices::virtio::rng::{Rng, RngError};
+use kiln_devices::virtio::vsock::{Vsock, VsockConfig, VsockError};
 use kiln_devices::virtio::VirtioDevice;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -47,6 +50,16 @@ pub enum StartMicrovmError {
     },
     #[error("entropy device")]
     Rng(#[source] RngError),
+    #[error("network interface '{id}'")]
+    Net {
+        id: String,
+        #[source]
+        source: NetError,
+    },
+    #[error("vsock device")]
+    Vsock(#[source] VsockError),
+    #[error("balloon device")]
+    Balloon(#[source] BalloonError),
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error("{requested} vCPUs requested but this KVM allows at most {max} per VM")]
@@ -82,6 +95,9 @@ fn kvm_err(ioctl: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StartMicrov
 /// Device backends opened from the host before the VM exists.
 pub struct Backends {
     pub drives: Vec<Block>,
+    pub nets: Vec<Net>,
+    pub vsock: Option<Vsock>,
+    pub balloon: Option<Balloon>,
     pub rng: Option<Rng>,
 }
 
@@ -99,8 +115,31 @@ pub fn open_backends(res: &VmResources) -> Result<Backends, StartMicrovmError> {
             BlockConfig { id: d.id.clone(), path: d.path.clone(), read_only: d.read_only, cache: d.cache };
         drives.push(Block::new(cfg).map_err(|source| StartMicrovmError::Drive { id: d.id.clone(), source })?);
     }
+    let mut nets = Vec::with_capacity(res.nets.len());
+    for n in &res.nets {
+        let cfg = NetConfig { id: n.id.clone(), tap_name: n.tap.clone(), guest_mac: n.guest_mac, mtu: n.mtu };
+        nets.push(Net::new(cfg).map_err(|source| StartMicrovmError::Net { id: n.id.clone(), source })?);
+    }
+    let vsock = match &res.vsock {
+        Some(v) => Some(
+            Vsock::new(VsockConfig { guest_cid: v.guest_cid, uds_path: v.uds_path.clone() })
+                .map_err(StartMicrovmError::Vsock)?,
+        ),
+        None => None,
+    };
+    let balloon = match &res.balloon {
+        Some(b) => Some(
+            Balloon::new(BalloonConfig {
+                amount_mib: b.amount_mib,
+                deflate_on_oom: b.deflate_on_oom,
+                stats_polling_interval_s: b.stats_polling_interval_s,
+            })
+            .map_err(StartMicrovmError::Balloon)?,
+        ),
+        None => None,
+    };
     let rng = if res.entropy { Some(Rng::new().map_err(StartMicrovmError::Rng)?) } else { None };
-    Ok(Backends { drives, rng })
+    Ok(Backends { drives, nets, vsock, balloon, rng })
 }
 
 /// Host-side choices that are not part of the VM's configuration.
@@ -227,10 +266,21 @@ pub fn build_microvm(
     mmio.insert(boot_timer as SharedDevice, layout::BOOT_TIMER_START, layout::BOOT_TIMER_SIZE)
         .map_err(StartMicrovmError::Bus)?;
 
-    // virtio-mmio devices, in attach order: drives (root first), then entropy.
+    // virtio-mmio devices, in attach order: drives (root first), network interfaces, vsock,
+    // balloon, entropy.
     let mut virtio: Vec<(Option<String>, Box<dyn VirtioDevice>)> = Vec::new();
     for b in backends.drives {
         virtio.push((Some(b.id().to_string()), Box::new(b)));
+    }
+    for n in backends.nets {
+        virtio.push((None, Box::new(n)));
+    }
+    if let Some(v) = backends.vsock {
+        virtio.push((None, Box::new(v)));
+    }
+    let balloon_index = backends.balloon.is_some().then_some(virtio.len());
+    if let Some(b) = backends.balloon {
+        virtio.push((None, Box::new(b)));
     }
     if let Some(rng) = backends.rng {
         virtio.push((None, Box::new(rng)));
@@ -318,6 +368,7 @@ pub fn build_microvm(
             reset_evt,
             notifiers,
             drives,
+            balloon: balloon_index.and_then(|i| transports.get(i).cloned()),
             virtio: transports,
         },
         opts.start.wall,

@@ -8,8 +8,9 @@ use std::sync::{mpsc, Mutex};
 use kiln_devices::bus::lock;
 use kiln_devices::legacy::boot_timer::StartTime;
 use kiln_fc_api::models::{
-    BootSource, Drive, EntropyDevice, FullVmConfiguration, MachineConfiguration, MachineConfigurationUpdate,
-    PartialDrive,
+    Balloon, BalloonStats, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, EntropyDevice,
+    FullVmConfiguration, MachineConfiguration, MachineConfigurationUpdate, NetworkInterface, PartialDrive,
+    Vsock,
 };
 
 use crate::builder::{self, BuildOptions};
@@ -27,6 +28,13 @@ pub enum VmmAction {
     SetMachineConfig(MachineConfiguration),
     UpdateMachineConfig(MachineConfigurationUpdate),
     SetEntropy(EntropyDevice),
+    InsertNetworkInterface(NetworkInterface),
+    SetVsock(Vsock),
+    SetBalloon(Balloon),
+    UpdateBalloon(BalloonUpdate),
+    UpdateBalloonStats(BalloonStatsUpdate),
+    GetBalloon,
+    GetBalloonStats,
     GetMachineConfig,
     GetVmConfig,
     Start,
@@ -41,6 +49,8 @@ pub enum ActionOutput {
     Done,
     MachineConfig(MachineConfiguration),
     VmConfig(Box<FullVmConfiguration>),
+    Balloon(Balloon),
+    BalloonStats(Box<BalloonStats>),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -248,6 +258,89 @@ impl Controller {
                 resources::validate_entropy(&e).map_err(|e| ActionError::Invalid(e.to_string()))?;
                 cfg.entropy = Some(e);
             }
+            VmmAction::InsertNetworkInterface(n) => {
+                let mut cfg = self.pre_boot()?;
+                resources::validate_net(&n).map_err(|e| ActionError::Invalid(e.to_string()))?;
+                match cfg.network_interfaces.iter_mut().find(|x| x.iface_id == n.iface_id) {
+                    Some(existing) => *existing = n,
+                    None => cfg.network_interfaces.push(n),
+                }
+            }
+            VmmAction::SetVsock(v) => {
+                let mut cfg = self.pre_boot()?;
+                resources::validate_vsock(&v).map_err(|e| ActionError::Invalid(e.to_string()))?;
+                cfg.vsock = Some(v);
+            }
+            VmmAction::SetBalloon(b) => {
+                let mut cfg = self.pre_boot()?;
+                let mem = cfg.machine_config.as_ref().map_or(DEFAULT_MEM_MIB, |m| m.mem_size_mib);
+                resources::validate_balloon(&b, mem).map_err(|e| ActionError::Invalid(e.to_string()))?;
+                cfg.balloon = Some(b);
+            }
+            VmmAction::UpdateBalloon(u) => {
+                let mem =
+                    lock(&self.config).machine_config.as_ref().map_or(DEFAULT_MEM_MIB, |m| m.mem_size_mib);
+                if u64::from(u.amount_mib) > mem {
+                    return Err(ActionError::Invalid(format!(
+                        "balloon amount_mib {} is larger than the VM's {mem} MiB of memory",
+                        u.amount_mib
+                    )));
+                }
+                if self.started() {
+                    self.running()?
+                        .with_balloon(|b| b.update_target(u.amount_mib))
+                        .ok_or_else(no_balloon)?
+                        .map_err(|e| ActionError::Runtime(crate::error_chain(&e)))?;
+                }
+                let mut cfg = lock(&self.config);
+                cfg.balloon.as_mut().ok_or_else(no_balloon)?.amount_mib = u.amount_mib;
+            }
+            VmmAction::UpdateBalloonStats(u) => {
+                if self.started() {
+                    self.running()?
+                        .with_balloon(|b| b.update_stats_interval(u.stats_polling_interval_s))
+                        .ok_or_else(no_balloon)?
+                        .map_err(|e| ActionError::Invalid(crate::error_chain(&e)))?;
+                }
+                let mut cfg = lock(&self.config);
+                cfg.balloon.as_mut().ok_or_else(no_balloon)?.stats_polling_interval_s =
+                    u.stats_polling_interval_s;
+            }
+            VmmAction::GetBalloon => {
+                let b = lock(&self.config).balloon.clone().ok_or_else(no_balloon)?;
+                return Ok(ActionOutput::Balloon(b));
+            }
+            VmmAction::GetBalloonStats => {
+                let snap = self
+                    .running()?
+                    .with_balloon(|b| b.stats_enabled().then(|| b.latest_stats()))
+                    .ok_or_else(no_balloon)?
+                    .ok_or_else(|| {
+                        ActionError::Invalid("Statistics are not enabled for the balloon device.".into())
+                    })?;
+                return Ok(ActionOutput::BalloonStats(Box::new(BalloonStats {
+                    target_pages: snap.target_pages,
+                    actual_pages: snap.actual_pages,
+                    target_mib: snap.target_mib,
+                    actual_mib: snap.actual_mib,
+                    swap_in: snap.swap_in,
+                    swap_out: snap.swap_out,
+                    major_faults: snap.major_faults,
+                    minor_faults: snap.minor_faults,
+                    free_memory: snap.free_memory,
+                    total_memory: snap.total_memory,
+                    available_memory: snap.available_memory,
+                    disk_caches: snap.disk_caches,
+                    hugetlb_allocations: snap.hugetlb_allocations,
+                    hugetlb_failures: snap.hugetlb_failures,
+                    oom_kill: snap.oom_kill,
+                    alloc_stall: snap.alloc_stall,
+                    async_scan: snap.async_scan,
+                    direct_scan: snap.direct_scan,
+                    async_reclaim: snap.async_reclaim,
+                    direct_reclaim: snap.direct_reclaim,
+                })));
+            }
             VmmAction::GetMachineConfig => {
                 let m = lock(&self.config).machine_config.clone().unwrap_or_else(default_machine_config);
                 return Ok(ActionOutput::MachineConfig(m));
@@ -319,6 +412,10 @@ impl Controller {
         *opts_slot = None;
         Ok(())
     }
+}
+
+fn no_balloon() -> ActionError {
+    ActionError::Invalid("No balloon device configured: PUT /balloon before starting the microVM.".into())
 }
 
 fn default_machine_config() -> MachineConfiguration {

@@ -155,6 +155,9 @@ fn start_error_code(e: &StartMicrovmError) -> i32 {
     match e {
         StartMicrovmError::Drive { .. }
         | StartMicrovmError::Rng(_)
+        | StartMicrovmError::Net { .. }
+        | StartMicrovmError::Vsock(_)
+        | StartMicrovmError::Balloon(_)
         | StartMicrovmError::Load(_)
         | StartMicrovmError::TooManyVcpus { .. }
         | StartMicrovmError::MemoryBeyondAddressSpace { .. }

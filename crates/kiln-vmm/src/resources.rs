@@ -39,6 +39,16 @@ pub enum ResourcesError {
     DrivePath(String),
     #[error("drive_id '{0}' is invalid: use 1-64 characters from [A-Za-z0-9_]")]
     DriveId(String),
+    #[error("network interface '{id}': guest_mac '{mac}' is invalid: {why}")]
+    GuestMac { id: String, mac: String, why: String },
+    #[error("two network interfaces are named '{0}': iface_id must be unique")]
+    DuplicateIface(String),
+    #[error("network interface '{0}' has no host_dev_name: name the host tap device")]
+    IfaceTap(String),
+    #[error("vsock guest_cid {0} is invalid: use 3 or more (0-2 are reserved)")]
+    VsockCid(u32),
+    #[error("balloon amount_mib {amount} is larger than the VM's {mem} MiB of memory")]
+    BalloonTooLarge { amount: u32, mem: u64 },
     #[error("{0} virtio devices were configured; at most {MAX_VIRTIO_DEVICES} fit")]
     TooManyDevices(usize),
 }
@@ -52,6 +62,30 @@ pub struct DriveConfig {
     pub is_root: bool,
     pub partuuid: Option<String>,
     pub cache: CacheType,
+}
+
+/// One network interface: a virtio-net device on an existing host tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub id: String,
+    pub tap: String,
+    pub guest_mac: Option<[u8; 6]>,
+    pub mtu: Option<u16>,
+}
+
+/// The vsock device (Firecracker's Unix-socket host side).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockSpec {
+    pub guest_cid: u32,
+    pub uds_path: PathBuf,
+}
+
+/// The balloon device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BalloonSpec {
+    pub amount_mib: u32,
+    pub deflate_on_oom: bool,
+    pub stats_polling_interval_s: u16,
 }
 
 /// Where the guest's serial console goes.
@@ -85,6 +119,10 @@ pub struct VmResources {
     /// In attach order, the root device (if any) first so the guest sees it as /dev/vda.
     pub drives: Vec<DriveConfig>,
     pub entropy: bool,
+    /// Network interfaces, in attach order.
+    pub nets: Vec<NetConfig>,
+    pub vsock: Option<VsockSpec>,
+    pub balloon: Option<BalloonSpec>,
     pub serial: SerialOutput,
     pub logger: Option<LoggerConfig>,
 }
@@ -140,6 +178,53 @@ pub fn validate_drive(d: &models::Drive) -> Result<(), ResourcesError> {
     Ok(())
 }
 
+/// Checks one network interface (also applied at `PUT /network-interfaces/{id}`).
+pub fn validate_net(n: &models::NetworkInterface) -> Result<NetConfig, ResourcesError> {
+    if !valid_drive_id(&n.iface_id) {
+        return Err(ResourcesError::DriveId(n.iface_id.clone()));
+    }
+    if n.host_dev_name.is_empty() {
+        return Err(ResourcesError::IfaceTap(n.iface_id.clone()));
+    }
+    if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
+        return Err(unsupported(&format!("network interface '{}' rate limiters", n.iface_id)));
+    }
+    let guest_mac =
+        match &n.guest_mac {
+            Some(m) => Some(kiln_devices::virtio::net::parse_mac(m).map_err(|e| {
+                ResourcesError::GuestMac { id: n.iface_id.clone(), mac: m.clone(), why: e.to_string() }
+            })?),
+            None => None,
+        };
+    Ok(NetConfig { id: n.iface_id.clone(), tap: n.host_dev_name.clone(), guest_mac, mtu: n.mtu })
+}
+
+/// Checks the vsock device (also applied at `PUT /vsock`).
+pub fn validate_vsock(v: &models::Vsock) -> Result<VsockSpec, ResourcesError> {
+    if v.guest_cid < 3 || v.guest_cid == u32::MAX {
+        return Err(ResourcesError::VsockCid(v.guest_cid));
+    }
+    Ok(VsockSpec { guest_cid: v.guest_cid, uds_path: v.uds_path.clone() })
+}
+
+/// Checks the balloon device (also applied at `PUT /balloon`) against the VM's memory.
+pub fn validate_balloon(b: &models::Balloon, mem_mib: u64) -> Result<BalloonSpec, ResourcesError> {
+    if b.free_page_hinting {
+        return Err(unsupported("balloon free_page_hinting"));
+    }
+    if b.free_page_reporting {
+        return Err(unsupported("balloon free_page_reporting"));
+    }
+    if u64::from(b.amount_mib) > mem_mib {
+        return Err(ResourcesError::BalloonTooLarge { amount: b.amount_mib, mem: mem_mib });
+    }
+    Ok(BalloonSpec {
+        amount_mib: b.amount_mib,
+        deflate_on_oom: b.deflate_on_oom,
+        stats_polling_interval_s: b.stats_polling_interval_s,
+    })
+}
+
 /// Checks the entropy device (also applied at `PUT /entropy`).
 pub fn validate_entropy(e: &models::EntropyDevice) -> Result<(), ResourcesError> {
     if e.rate_limiter.is_some() {
@@ -170,9 +255,6 @@ impl VmResources {
         };
 
         for (present, what) in [
-            (!cfg.network_interfaces.is_empty(), "network-interfaces"),
-            (cfg.vsock.is_some(), "vsock"),
-            (cfg.balloon.is_some(), "balloon"),
             (cfg.mmds_config.is_some(), "mmds-config"),
             (!cfg.pmem.is_empty(), "pmem"),
             (cfg.memory_hotplug.is_some(), "memory-hotplug"),
@@ -224,7 +306,21 @@ impl VmResources {
             }
             None => false,
         };
-        let devices = drives.len() + usize::from(entropy);
+        let mut nets = Vec::new();
+        for n in &cfg.network_interfaces {
+            let net = validate_net(n)?;
+            if nets.iter().any(|x: &NetConfig| x.id == net.id) {
+                return Err(ResourcesError::DuplicateIface(net.id));
+            }
+            nets.push(net);
+        }
+        let vsock = cfg.vsock.as_ref().map(validate_vsock).transpose()?;
+        let balloon = cfg.balloon.as_ref().map(|b| validate_balloon(b, mem_size_mib)).transpose()?;
+        let devices = drives.len()
+            + nets.len()
+            + usize::from(entropy)
+            + usize::from(vsock.is_some())
+            + usize::from(balloon.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ResourcesError::TooManyDevices(devices));
         }
@@ -247,6 +343,9 @@ impl VmResources {
             huge_pages_2m,
             drives,
             entropy,
+            nets,
+            vsock,
+            balloon,
             serial: SerialOutput::Stdout,
             logger,
         })
@@ -381,12 +480,27 @@ mod tests {
 
     #[test]
     fn unsupported_sections_are_named() {
-        let j =
-            format!(r#"{{{BASE}, "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "tap0"}}]}}"#);
+        let j = format!(r#"{{{BASE}, "mmds-config": {{"network_interfaces": ["eth0"]}}}}"#);
         assert_eq!(
             VmResources::from_config(&cfg(&j), None),
-            Err(ResourcesError::Unsupported { what: "network-interfaces".into() })
+            Err(ResourcesError::Unsupported { what: "mmds-config".into() })
         );
+        let j = format!(
+            r#"{{{BASE}, "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:AC:10:00:02"}}],
+               "vsock": {{"guest_cid": 3, "uds_path": "/tmp/v.sock"}},
+               "balloon": {{"amount_mib": 16, "deflate_on_oom": true}}}}"#
+        );
+        let r = VmResources::from_config(&cfg(&j), None).unwrap();
+        assert_eq!(r.nets[0].guest_mac, Some([6, 0, 0xac, 0x10, 0, 2]));
+        assert_eq!(r.vsock.as_ref().map(|v| v.guest_cid), Some(3));
+        assert_eq!(r.balloon.map(|b| b.amount_mib), Some(16));
+        let j = format!(r#"{{{BASE}, "balloon": {{"amount_mib": 4096, "deflate_on_oom": true}}}}"#);
+        assert!(matches!(
+            VmResources::from_config(&cfg(&j), None),
+            Err(ResourcesError::BalloonTooLarge { .. })
+        ));
+        let j = format!(r#"{{{BASE}, "vsock": {{"guest_cid": 2, "uds_path": "/tmp/v.sock"}}}}"#);
+        assert_eq!(VmResources::from_config(&cfg(&j), None), Err(ResourcesError::VsockCid(2)));
         let j = format!(r#"{{{BASE}, "entropy": {{}}}}"#);
         assert!(VmResources::from_config(&cfg(&j), None).unwrap().entropy);
         // Firecracker's parser already refuses a file without boot-source; a default-constructed

@@ -67,6 +67,8 @@ pub struct VmmDevices {
     pub drives: Vec<(String, Arc<Mutex<MmioTransport>>)>,
     /// Every virtio device, in attach order (index = device index in host-fd tokens).
     pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    /// The balloon device, if any.
+    pub balloon: Option<Arc<Mutex<MmioTransport>>>,
 }
 
 /// The host fds each virtio device has registered in the event loop.
@@ -113,9 +115,20 @@ pub struct VmHandle {
     threads: Arc<Mutex<Vec<libc::pthread_t>>>,
     i8042: Arc<Mutex<I8042Device>>,
     drives: Vec<(String, Arc<Mutex<MmioTransport>>)>,
+    balloon: Option<Arc<Mutex<MmioTransport>>>,
 }
 
 impl VmHandle {
+    /// Runs `f` on the balloon device; `None` when the VM has none.
+    pub fn with_balloon<R>(
+        &self,
+        f: impl FnOnce(&mut kiln_devices::virtio::balloon::Balloon) -> R,
+    ) -> Option<R> {
+        let transport = self.balloon.as_ref()?;
+        let mut t = lock(transport);
+        t.device_as_mut::<kiln_devices::virtio::balloon::Balloon>().map(f)
+    }
+
     fn kick(&self) {
         for t in lock(&self.threads).iter() {
             // SAFETY: the pthread_t values belong to this VM's vCPU threads, which are only joined
@@ -222,6 +235,7 @@ impl Vmm {
             threads: self.threads.clone(),
             i8042: self.devices.i8042.clone(),
             drives: self.devices.drives.clone(),
+            balloon: self.devices.balloon.clone(),
         }
     }
 
