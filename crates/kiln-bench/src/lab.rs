@@ -195,15 +195,19 @@ impl LabPlan {
     }
 
     /// Step names and commands, interleaved: round i runs every VMM's boot, then every VMM's
-    /// memory run.
+    /// memory run. The VMM order rotates by one each round (A B, B A, … ; A B C, B C A, …) so no VMM
+    /// always goes first (a lab-state or position effect then hits all alike).
     pub fn steps(&self) -> Vec<(String, Vmm, Kind, String)> {
         let mut out = Vec::new();
+        let vmms = self.vmms();
         for i in 1..=self.runs.max(self.mem_runs) {
+            let mut order = vmms.clone();
+            order.rotate_left((i - 1) % vmms.len().max(1));
             for (kind, n) in [(Kind::Boot, self.runs), (Kind::Mem, self.mem_runs)] {
                 if i > n {
                     continue;
                 }
-                for vmm in self.vmms() {
+                for &vmm in &order {
                     let name = format!("{}-{}-{i}", vmm.key(), kind_key(kind));
                     out.push((name, vmm, kind, self.step_command(vmm, kind)));
                 }
@@ -371,7 +375,7 @@ mod tests {
         let names: Vec<String> = plan().steps().into_iter().map(|s| s.0).collect();
         assert_eq!(
             names,
-            ["kiln-boot-1", "qemu-boot-1", "kiln-mem-1", "qemu-mem-1", "kiln-boot-2", "qemu-boot-2"]
+            ["kiln-boot-1", "qemu-boot-1", "kiln-mem-1", "qemu-mem-1", "qemu-boot-2", "kiln-boot-2"]
         );
     }
 

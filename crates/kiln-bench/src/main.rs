@@ -310,7 +310,7 @@ fn boot(a: &BootArgs) -> Result<()> {
         setup.push((
             "runs".into(),
             format!(
-                "{} boots + {} memory runs per VMM, interleaved ({}), in one lab run",
+                "{} boots + {} memory runs per VMM, interleaved ({}; the order rotates each round), in one lab run",
                 a.runs,
                 mem_runs,
                 plan.vmms().iter().map(|v| v.label()).collect::<Vec<_>>().join(", ")
