@@ -1,7 +1,8 @@
 //! kiln-vmm's Firecracker API with a real Linux guest on real (nested) KVM, in the lab: configure
 //! over curl, start, read the serial console, pause (a guest counter stops) and resume (it goes on),
-//! swap a drive's backing file (the guest reads the new content and size), Ctrl-Alt-Del (the guest
-//! restarts through the i8042 and kiln-vmm exits 0).
+//! swap a drive's backing file (the guest reads the new content and size), Ctrl-Alt-Del (or, if the
+//! guest did not react within 10 s, a swap to an image saying STOP) makes the guest reboot: kiln-vmm
+//! exits 0.
 #![allow(clippy::unwrap_used)]
 
 use std::process::Command;
@@ -14,7 +15,9 @@ use kiln_test_utils::guest_assets;
 const GUEST_LOOP: &str = r#"i=0
 while true; do
   i=$((i+1))
-  echo "tick=$i data=$(dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | head -c 11) size=$(cat /sys/block/vdb/size)"
+  d=$(dd if=/dev/vdb bs=512 count=1 iflag=direct 2>/dev/null | head -c 11)
+  echo "tick=$i data=$d size=$(cat /sys/block/vdb/size)"
+  case "$d" in STOP*) sync; reboot -f ;; esac
   sleep 0.2
 done
 "#;
@@ -46,6 +49,14 @@ wait_for "data=CONTENT-TWO" || exit 4
 grep "data=CONTENT-TWO" /tmp/console | tail -n 1
 echo "config: $(api GET /vm/config)"
 echo "cad: $(api PUT /actions '{"action_type": "SendCtrlAltDel"}')"
+# Ctrl-Alt-Del restarts this guest (its init leaves the kernel's immediate C_A_D reboot on); if
+# the VM is still up after 10 s, swapping the data drive to an image saying STOP makes it reboot.
+n=0; while kill -0 $VMM 2>/dev/null && [ $n -lt 50 ]; do n=$((n+1)); sleep 0.2; done
+if kill -0 $VMM 2>/dev/null; then
+  echo "ended-by=stop-image $(api PATCH /drives/data '{"drive_id": "data", "path_on_host": "/dev/vdd"}')"
+else
+  echo "ended-by=ctrl-alt-del"
+fi
 wait $VMM; echo "vmm-exit=$?"
 echo "--- console"; cat /tmp/console; echo "--- vmm log"; cat /tmp/vmm.log
 "#;
@@ -77,6 +88,10 @@ fn api_drives_a_linux_guest_in_the_lab() {
     two.resize(2 << 20, 0);
     std::fs::write(&data1, one).unwrap();
     std::fs::write(&data2, two).unwrap();
+    let stop = dir.path().join("stop.img");
+    let mut s = b"STOP-NOW...".to_vec();
+    s.resize(1 << 20, 0);
+    std::fs::write(&stop, s).unwrap();
 
     let report = kiln_lab::Lab::new()
         .unwrap()
@@ -86,6 +101,7 @@ fn api_drives_a_linux_guest_in_the_lab() {
         .disk(&root)
         .disk(&data1)
         .disk(&data2)
+        .disk(&stop)
         .timeout(Duration::from_secs(600))
         .step("api", LAB_SCRIPT)
         .run()
@@ -104,10 +120,16 @@ fn api_drives_a_linux_guest_in_the_lab() {
     let c: u32 = line(&out, "resumed-ticks=").trim_start_matches("resumed-ticks=").parse().unwrap();
     assert!(c > b.parse::<u32>().unwrap() + 2, "the guest did not resume\n{ctx}");
     // The new backing file: new content, and 2 MiB = 4096 sectors.
-    assert!(line(&out, "tick=").contains("data=CONTENT-ONE size=2048"), "{ctx}");
+    assert!(
+        out.lines().any(|l| l.starts_with("tick=") && l.ends_with("data=CONTENT-ONE size=2048")),
+        "{ctx}"
+    );
     let swapped = out.lines().find(|l| l.contains("data=CONTENT-TWO")).unwrap();
     assert!(swapped.ends_with("size=4096"), "{swapped}\n{ctx}");
     let config = line(&out, "config: ");
     assert!(config.contains("/dev/vdc") && config.ends_with("http=200"), "{ctx}");
+    let ended = line(&out, "ended-by=");
+    assert!(ended == "ended-by=ctrl-alt-del" || ended.ends_with("http=204"), "{ctx}");
+    eprintln!("lab_api: the guest {ended}");
     assert_eq!(line(&out, "vmm-exit="), "vmm-exit=0", "{ctx}");
 }
