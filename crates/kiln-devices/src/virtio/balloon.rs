@@ -752,13 +752,7 @@ impl VirtioDevice for Balloon {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let cfg = self.config_space();
-        let Ok(start) = usize::try_from(offset) else { return };
-        if start >= cfg.len() {
-            return;
-        }
-        let n = data.len().min(cfg.len() - start);
-        data[..n].copy_from_slice(&cfg[start..start + n]);
+        super::read_config_bytes(&self.config_space(), offset, data);
     }
 
     /// Only `actual` (bytes 4..8) is writable; other writes are ignored.

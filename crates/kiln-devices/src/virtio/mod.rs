@@ -26,6 +26,16 @@ pub mod device_type {
     pub const VSOCK: u32 = 19;
 }
 
+/// Copies the part of `config` at `offset` into `data` (a guest config-space read): bytes past the
+/// end of the config space, or an offset beyond it, are left as they are.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    let Ok(start) = usize::try_from(offset) else { return };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     #[error("the driver set up {got} queues, the device needs {expected}")]

@@ -1222,12 +1222,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let cfg = self.config_space();
-        let Ok(start) = usize::try_from(offset) else { return };
-        if let Some(src) = cfg.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        super::read_config_bytes(&self.config_space(), offset, data);
     }
 
     fn activate(
