@@ -480,14 +480,9 @@ impl VirtioDevice for Block {
         mem: GuestMemory,
         interrupt: VirtioInterrupt,
         acked_features: u64,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount { expected: 1, got: queues.len() });
-        }
-        let Some(queue) = queues.pop() else {
-            return Err(ActivateError::QueueCount { expected: 1, got: 0 });
-        };
+        let queue = super::single_queue(queues)?;
         self.acked_features = acked_features;
         self.broken = false;
         self.active = Some(Active { mem, interrupt, queue });

@@ -36,6 +36,14 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+/// The one queue of a single-queue device (block, rng), or the error saying how many came.
+pub fn single_queue(mut queues: Vec<Queue>) -> Result<Queue, ActivateError> {
+    match (queues.len(), queues.pop()) {
+        (1, Some(queue)) => Ok(queue),
+        (got, _) => Err(ActivateError::QueueCount { expected: 1, got }),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     #[error("the driver set up {got} queues, the device needs {expected}")]

@@ -139,14 +139,9 @@ impl VirtioDevice for Rng {
         mem: GuestMemory,
         interrupt: VirtioInterrupt,
         _acked_features: u64,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount { expected: 1, got: queues.len() });
-        }
-        let Some(queue) = queues.pop() else {
-            return Err(ActivateError::QueueCount { expected: 1, got: 0 });
-        };
+        let queue = super::single_queue(queues)?;
         self.broken = false;
         self.active = Some(Active { mem, interrupt, queue });
         Ok(())
