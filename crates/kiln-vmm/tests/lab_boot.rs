@@ -121,11 +121,13 @@ fn kiln_vmm_boots_linux_in_the_lab() {
         .timeout(Duration::from_secs(900))
         .step("pvh", &format!("{vmm} /lab/pvh.json"))
         .step("bzimage", &format!("{vmm} /lab/bz.json"))
-        // Typed input, more than the UART's 64-byte FIFO, reaches the guest's shell in order.
+        // Typed input, more than the UART's 64-byte FIFO, reaches the guest's shell in order. The
+        // shell discards what was typed before it set up its terminal, so the line (command and
+        // `exit`) is typed once a second until the shell runs it and the VM ends.
         .step(
             "stdin",
-            "printf 'echo typed-$((6*7))-%s\\nexit\\n' $(seq -s - 1 40) | \
-             kiln-vmm --no-api --config-file /lab/interactive.json",
+            "(for i in $(seq 1 60); do printf 'echo typed-$((6*7))-%s; exit\\n' $(seq -s - 1 40) || break; \
+             sleep 1; done) | kiln-vmm --no-api --config-file /lab/interactive.json",
         )
         .run()
         .unwrap();
