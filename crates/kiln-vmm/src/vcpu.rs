@@ -223,6 +223,54 @@ impl VcpuRunner {
         let _ = self.outcome_evt.write(1);
     }
 
+    /// The registers that say where a guest was when it died, on one line.
+    fn guest_state(&self) -> String {
+        let regs = match self.fd.get_regs() {
+            Ok(r) => format!(
+                "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x}",
+                r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx
+            ),
+            Err(e) => format!("KVM_GET_REGS failed: {e}"),
+        };
+        let sregs = match self.fd.get_sregs() {
+            Ok(s) => format!(
+                "cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}/l{}/dpl{} ss={:#x} \
+                 idt={:#x}+{:#x} gdt={:#x}+{:#x} tr={:#x}",
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector,
+                s.cs.l,
+                s.cs.dpl,
+                s.ss.selector,
+                s.idt.base,
+                s.idt.limit,
+                s.gdt.base,
+                s.gdt.limit,
+                s.tr.selector
+            ),
+            Err(e) => format!("KVM_GET_SREGS failed: {e}"),
+        };
+        let events = match self.fd.get_vcpu_events() {
+            Ok(e) => format!(
+                "exception(injected={} nr={} has_error={} error={:#x}) interrupt(injected={} nr={}) nmi(injected={} \
+                 pending={})",
+                e.exception.injected,
+                e.exception.nr,
+                e.exception.has_error_code,
+                e.exception.error_code,
+                e.interrupt.injected,
+                e.interrupt.nr,
+                e.nmi.injected,
+                e.nmi.pending
+            ),
+            Err(e) => format!("KVM_GET_VCPU_EVENTS failed: {e}"),
+        };
+        format!("{regs} {sregs} {events}")
+    }
+
     /// One `KVM_RUN`; `Some` when the vCPU must stop.
     fn run_once(&mut self) -> Option<VcpuOutcome> {
         match self.fd.run() {
@@ -254,7 +302,13 @@ impl VcpuRunner {
                     None
                 }
                 VcpuExit::Hlt => Some(VcpuOutcome::GuestStopped("halted".into())),
-                VcpuExit::Shutdown => Some(VcpuOutcome::GuestStopped("shutdown (reset or triple fault)".into())),
+                VcpuExit::Shutdown => {
+                    // A guest that resets through a triple fault leaves no message of its own; its
+                    // registers are the only clue to why (a reset requested on purpose goes through
+                    // the i8042 and never gets here).
+                    tracing::warn!("vCPU {}: KVM_EXIT_SHUTDOWN; guest state: {}", self.id, self.guest_state());
+                    Some(VcpuOutcome::GuestStopped("shutdown (reset or triple fault)".into()))
+                }
                 VcpuExit::SystemEvent(kind, _) => match kind {
                     kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
                         Some(VcpuOutcome::GuestStopped("system event: shutdown".into()))

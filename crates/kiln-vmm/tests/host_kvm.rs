@@ -147,3 +147,29 @@ fn thirty_two_vcpus_and_serial_output_to_a_file() {
     assert!(o.stdout.is_empty(), "console output belongs in the file: {}", describe(&o));
     assert!(std::fs::read_to_string(&console).unwrap().contains("pvh:MTVFU\n"));
 }
+
+#[test]
+fn a_triple_fault_ends_the_vm_and_logs_where_the_guest_was() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest(dir.path(), "tf.elf", include_str!("guests/triple_fault.S"));
+    // Like Firecracker, a guest-initiated reset (a triple fault is one) ends the VMM with 0; the
+    // log says it was a shutdown and where the guest was.
+    let o = run_expecting(
+        dir.path(),
+        serde_json::json!({
+            "boot-source": {"kernel_image_path": kernel},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 32}
+        }),
+        "T\n",
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("KVM_EXIT_SHUTDOWN; guest state:"))
+        .unwrap_or_else(|| panic!("no register dump: {}", describe(&o)));
+    assert!(line.contains("rax=0x7a11"), "{line}");
+    let rip = line.split("rip=0x").nth(1).and_then(|r| r.split(' ').next()).unwrap();
+    let rip = u64::from_str_radix(rip, 16).unwrap();
+    assert!((0x10_0000..0x10_1000).contains(&rip), "rip {rip:#x} is not in the guest's code: {line}");
+}
