@@ -11,13 +11,16 @@
 //! compare absolute lab times with hardware numbers (only same-run ratios mean anything there), or
 //! change what it measures per VMM (every VMM goes through the same probe code).
 
+mod api_ready;
 mod host;
 mod lab;
+mod net;
 mod probe;
 mod report;
 mod smaps;
 mod stats;
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -37,6 +40,15 @@ enum Cmd {
     /// Boot benchmark: kiln-vmm vs QEMU microvm (vs Firecracker) in one lab run, plus kiln-vmm's
     /// start -> first KVM_RUN on the host's /dev/kvm.
     Boot(BootArgs),
+    /// API readiness on the host: process start -> the API socket answering `GET /` (kiln-vmm,
+    /// Firecracker when FIRECRACKER_BIN is set), QEMU's QMP answering as the peer always measured.
+    Api(ApiArgs),
+    /// Network benchmark: host<->guest TCP throughput over virtio-net on a tap, kiln-vmm vs QEMU
+    /// microvm, in one lab run.
+    Net(NetArgs),
+    /// (Runs inside the lab.) The lab side of the network benchmark's transfers; prints JSON.
+    #[command(hide = true)]
+    Netpump(NetpumpArgs),
     /// (Runs inside the lab.) Runs one VMM, timestamps the guest's marker line, samples smaps.
     #[command(hide = true)]
     Probe(ProbeArgs),
@@ -87,6 +99,59 @@ struct BootArgs {
 }
 
 #[derive(Args, Debug)]
+struct ApiArgs {
+    /// Runs per program.
+    #[arg(long, default_value_t = 30)]
+    runs: usize,
+    /// kiln-vmm binary (default: `kiln-vmm` next to this program, i.e. target/release).
+    #[arg(long, value_name = "PATH")]
+    kiln_vmm: Option<PathBuf>,
+    /// QEMU binary (the peer measured in every run).
+    #[arg(long, value_name = "PATH", default_value = "/usr/bin/qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Print the Markdown section for docs/benchmarks.md on stdout (the table then goes to stderr).
+    #[arg(long)]
+    markdown: bool,
+}
+
+#[derive(Args, Debug)]
+struct NetArgs {
+    /// Boots per VMM.
+    #[arg(long, default_value_t = 2)]
+    boots: usize,
+    /// Transfers each way per boot.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Bytes per transfer, MiB.
+    #[arg(long, default_value_t = 32)]
+    mib: u64,
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 256)]
+    mem_mib: u64,
+    /// kiln-vmm binary (default: `kiln-vmm` next to this program, i.e. target/release).
+    #[arg(long, value_name = "PATH")]
+    kiln_vmm: Option<PathBuf>,
+    /// QEMU binary carried into the lab.
+    #[arg(long, value_name = "PATH", default_value = "/usr/bin/qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Print the Markdown section for docs/benchmarks.md on stdout (the table then goes to stderr).
+    #[arg(long)]
+    markdown: bool,
+}
+
+#[derive(Args, Debug)]
+struct NetpumpArgs {
+    #[arg(long)]
+    guest: String,
+    #[arg(long)]
+    rounds: usize,
+    #[arg(long)]
+    bytes: u64,
+    #[arg(long, default_value_t = 180)]
+    timeout_secs: u64,
+}
+
+#[derive(Args, Debug)]
 struct ProbeArgs {
     #[arg(long, default_value = lab::MARKER)]
     marker: String,
@@ -116,7 +181,211 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Boot(a) => boot(&a),
+        Cmd::Api(a) => api(&a),
+        Cmd::Net(a) => net_bench(&a),
+        Cmd::Netpump(a) => {
+            let (listener, guest) = net::lab_sockets(&a.guest)?;
+            let t = net::pump(listener, guest, a.rounds, a.bytes, Duration::from_secs(a.timeout_secs))?;
+            println!("{}", serde_json::to_string(&t)?);
+            Ok(())
+        }
     }
+}
+
+fn net_bench(a: &NetArgs) -> Result<()> {
+    let assets = guest_assets()?;
+    let plan = net::NetPlan {
+        kiln_vmm: kiln_vmm_binary(a.kiln_vmm.as_ref())?,
+        qemu: a.qemu.clone(),
+        vmlinux: assets.vmlinux,
+        initramfs: assets.initramfs,
+        boots: a.boots,
+        rounds: a.rounds,
+        bytes: a.mib << 20,
+        mem_mib: a.mem_mib,
+    };
+    eprintln!(
+        "kiln-bench: net: {} boots x 2 VMMs, {} x {} MiB each way per boot, in one lab run",
+        a.boots, a.rounds, a.mib
+    );
+    let exe = std::env::current_exe().context("finding this program")?;
+    let out = plan.run(&exe)?;
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| direction | VMM | min MiB/s | median MiB/s | max MiB/s | transfers | median / QEMU |"
+    );
+    let _ = writeln!(table, "|---|---|---|---|---|---|---|");
+    let mut verdicts = Vec::new();
+    for (dir, label) in [("h2g", "host -> guest"), ("g2h", "guest -> host")] {
+        let qemu = out.summary(lab::Vmm::Qemu, dir);
+        for vmm in net::NetPlan::vmms() {
+            let Some(s) = out.summary(vmm, dir) else {
+                let _ = writeln!(table, "| {label} | {} | - | - | - | 0 | - |", vmm.label());
+                continue;
+            };
+            let ratio = qemu.map_or("-".to_string(), |q| format!("{:.2}x", s.median / q.median));
+            let _ = writeln!(
+                table,
+                "| {label} | {} | {:.1} | {:.1} | {:.1} | {} | {ratio} |",
+                vmm.label(),
+                s.min,
+                s.median,
+                s.max,
+                s.n
+            );
+        }
+        let kiln = out.summary(lab::Vmm::Kiln, dir);
+        verdicts.push(match (kiln, qemu) {
+            (Some(k), Some(q)) if k.median >= q.median => {
+                format!("{label}: kiln-vmm {:.1} MiB/s >= QEMU {:.1} MiB/s: target met", k.median, q.median)
+            }
+            (Some(k), Some(q)) => {
+                format!(
+                    "{label}: kiln-vmm {:.1} MiB/s < QEMU {:.1} MiB/s: target NOT met",
+                    k.median, q.median
+                )
+            }
+            _ => format!("{label}: not measured for both VMMs: target NOT judged"),
+        });
+    }
+    let mut failures = String::new();
+    for (name, why) in &out.failures {
+        let _ = writeln!(failures, "- {name}: {}", why.trim());
+    }
+    let human = format!("{table}\n{}\n{failures}", verdicts.join("\n"));
+    if a.markdown {
+        eprint!("{human}");
+        let args: Vec<String> = std::env::args().skip(2).map(|w| lab::sh_quote(&w)).collect();
+        println!("### Results ({})\n", cmd_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default());
+        println!(
+            "Command: `bench/net{}{}`; host: {} x {}; git {}; guest: 1 vCPU, {} MiB.\n",
+            if args.is_empty() { "" } else { " " },
+            args.join(" "),
+            cmd_line("nproc", &[]).unwrap_or_default(),
+            cpu_model(),
+            cmd_line("git", &["-C", &repo_root().to_string_lossy(), "describe", "--always", "--dirty"])
+                .unwrap_or_else(|| "?".into()),
+            a.mem_mib
+        );
+        println!("{table}");
+        for v in &verdicts {
+            println!("- **{v}.**");
+        }
+        if !failures.is_empty() {
+            println!("\nBoots that did not count:\n{failures}");
+        }
+    } else {
+        print!("{human}");
+    }
+    Ok(())
+}
+
+/// The kiln-vmm binary to measure: `--kiln-vmm`, else the one next to this program.
+fn kiln_vmm_binary(arg: Option<&PathBuf>) -> Result<PathBuf> {
+    let p = match arg {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("finding this program")?
+            .parent()
+            .context("program has no directory")?
+            .join("kiln-vmm"),
+    };
+    if !p.is_file() {
+        bail!("{} not found: build it (cargo build --release -p kiln-vmm) or pass --kiln-vmm", p.display());
+    }
+    Ok(p)
+}
+
+/// The optional Firecracker binary from `FIRECRACKER_BIN`.
+fn firecracker_binary() -> Result<Option<PathBuf>> {
+    let Some(fc) = std::env::var_os("FIRECRACKER_BIN").map(PathBuf::from) else { return Ok(None) };
+    if !fc.is_file() {
+        bail!("FIRECRACKER_BIN={} is not a file", fc.display());
+    }
+    Ok(Some(fc))
+}
+
+/// The API readiness target (issue 3): median at most this many ms for kiln-vmm.
+const API_READY_TARGET_MS: f64 = 5.0;
+
+fn api(a: &ApiArgs) -> Result<()> {
+    let mut peers = vec![api_ready::Peer::FirecrackerApi {
+        label: "kiln-vmm".into(),
+        bin: kiln_vmm_binary(a.kiln_vmm.as_ref())?,
+    }];
+    if let Some(fc) = firecracker_binary()? {
+        peers.push(api_ready::Peer::FirecrackerApi { label: "Firecracker".into(), bin: fc });
+    }
+    peers.push(api_ready::Peer::Qmp { bin: a.qemu.clone() });
+    eprintln!("kiln-bench: api: {} rounds over {} programs", a.runs, peers.len());
+    let results = api_ready::run(&peers, a.runs)?;
+    let kiln_median = results[0].summary.map(|s| s.median);
+    let mut table = String::new();
+    let _ = writeln!(table, "| program | min ms | median ms | max ms | runs | median / kiln-vmm |");
+    let _ = writeln!(table, "|---|---|---|---|---|---|");
+    for r in &results {
+        match r.summary {
+            Some(s) => {
+                let ratio = kiln_median.map_or("-".to_string(), |k| format!("{:.2}x", s.median / k));
+                let _ = writeln!(
+                    table,
+                    "| {} | {:.2} | {:.2} | {:.2} | {} | {ratio} |",
+                    r.label,
+                    s.min / 1000.0,
+                    s.median / 1000.0,
+                    s.max / 1000.0,
+                    s.n
+                );
+            }
+            None => {
+                let _ = writeln!(table, "| {} | - | - | - | 0 | - |", r.label);
+            }
+        }
+    }
+    let met = kiln_median.map(|m| m / 1000.0 <= API_READY_TARGET_MS);
+    let verdict = match (kiln_median, met) {
+        (Some(m), Some(true)) => {
+            format!("kiln-vmm median {:.2} ms <= {API_READY_TARGET_MS} ms: target met", m / 1000.0)
+        }
+        (Some(m), _) => {
+            format!("kiln-vmm median {:.2} ms > {API_READY_TARGET_MS} ms: target NOT met", m / 1000.0)
+        }
+        (None, _) => "kiln-vmm never answered: target NOT met".to_string(),
+    };
+    let mut failures = String::new();
+    for r in &results {
+        for f in &r.failures {
+            let _ = writeln!(failures, "- {}: {f}", r.label);
+        }
+    }
+    let human = format!("{table}\n{verdict}\n{failures}");
+    if a.markdown {
+        eprint!("{human}");
+        let args: Vec<String> = std::env::args().skip(2).map(|w| lab::sh_quote(&w)).collect();
+        println!("### Results ({})\n", cmd_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default());
+        println!(
+            "Command: `bench/api{}{}`; host: {} x {}, Linux {}; git {}.\n",
+            if args.is_empty() { "" } else { " " },
+            args.join(" "),
+            cmd_line("nproc", &[]).unwrap_or_default(),
+            cpu_model(),
+            cmd_line("uname", &["-r"]).unwrap_or_default(),
+            cmd_line("git", &["-C", &repo_root().to_string_lossy(), "describe", "--always", "--dirty"])
+                .unwrap_or_else(|| "?".into())
+        );
+        println!("{table}");
+        for r in &results {
+            println!("- {}: `{}`", r.label, r.command);
+        }
+        println!("\n**{verdict}.**");
+        if !failures.is_empty() {
+            println!("\nRuns that did not count:\n{failures}");
+        }
+    } else {
+        print!("{human}");
+    }
+    Ok(())
 }
 
 /// The repository root (this crate lives in `crates/kiln-bench`).
