@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_test_utils::guest_assets;
+use kiln_test_utils::{guest_assets, LAB_RETRY_ON_SILENT_RESET};
 
 const BOOT_ARGS: &str =
     "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
@@ -106,7 +106,8 @@ fn kiln_vmm_boots_linux_in_the_lab() {
         "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}
     });
 
-    let vmm = "kiln-vmm --no-api --no-stdin --config-file";
+    // Each VM runs under the lab's retry-once-on-a-silent-reset wrapper (kiln_test_utils docs).
+    let vmm = "/lab/retry-on-silent-reset kiln-vmm --no-api --no-stdin --config-file";
     let report = kiln_lab::Lab::new()
         .unwrap()
         .binary(env!("CARGO_BIN_EXE_kiln-vmm"), "/usr/bin/kiln-vmm")
@@ -116,6 +117,7 @@ fn kiln_vmm_boots_linux_in_the_lab() {
         .file_bytes(serde_json::to_vec(&pvh).unwrap(), "/lab/pvh.json", 0o644)
         .file_bytes(serde_json::to_vec(&bz).unwrap(), "/lab/bz.json", 0o644)
         .file_bytes(serde_json::to_vec(&interactive).unwrap(), "/lab/interactive.json", 0o644)
+        .file_bytes(LAB_RETRY_ON_SILENT_RESET.as_bytes().to_vec(), "/lab/retry-on-silent-reset", 0o755)
         .disk(&root)
         .disk(&scratch)
         .timeout(Duration::from_secs(900))
@@ -126,8 +128,9 @@ fn kiln_vmm_boots_linux_in_the_lab() {
         // `exit`) is typed once a second until the shell runs it and the VM ends.
         .step(
             "stdin",
-            "(for i in $(seq 1 60); do printf 'echo typed-$((6*7))-%s; exit\\n' $(seq -s - 1 40) || break; \
-             sleep 1; done) | kiln-vmm --no-api --config-file /lab/interactive.json",
+            "/lab/retry-on-silent-reset sh -c \"(for i in \\$(seq 1 60); do \
+             printf 'echo typed-\\$((6*7))-%s; exit\\\\n' \\$(seq -s - 1 40) || break; sleep 1; done) \
+             | kiln-vmm --no-api --config-file /lab/interactive.json\"",
         )
         .run()
         .unwrap();

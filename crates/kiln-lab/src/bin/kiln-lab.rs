@@ -33,6 +33,9 @@ struct Args {
     /// Lab timeout in seconds.
     #[arg(long, default_value_t = 600)]
     timeout: u64,
+    /// vCPUs of the lab VM.
+    #[arg(long, default_value_t = 2)]
+    cpus: u32,
     /// Also print the lab's console (kernel log and init output) to stderr.
     #[arg(long)]
     console: bool,
@@ -84,7 +87,7 @@ fn lab(args: &Args) -> Result<kiln_lab::Lab> {
     for a in &args.kernel_arg {
         lab = lab.kernel_arg(a);
     }
-    Ok(lab.timeout(Duration::from_secs(args.timeout)))
+    Ok(lab.timeout(Duration::from_secs(args.timeout)).cpus(args.cpus))
 }
 
 fn step_json(s: &kiln_lab::StepResult) -> serde_json::Value {
