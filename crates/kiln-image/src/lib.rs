@@ -29,9 +29,15 @@ pub mod store;
 pub mod unpack;
 
 pub use digest::Digest;
+pub use disk::CopyMethod;
 pub use error::{ImageError, Result};
+pub use images::{ImageDetails, ImageStore, ImageSummary, RemoveReport, RootfsImage};
+pub use kernel::KernelSource;
 
 pub use progress::{BlobKind, NoProgress, Progress, ProgressEvent};
 pub use reference::Reference;
 pub use registry::auth::{Anonymous, CredentialSource, Credentials, DockerConfig, StaticCredentials};
 pub use registry::RegistryOptions;
+pub use rootfs::RootfsOptions;
+pub use store::PruneReport;
+pub use unpack::UnpackOptions;

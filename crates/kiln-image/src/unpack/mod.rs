@@ -103,6 +103,18 @@ pub fn unpack_layers(
     state.finish()
 }
 
+/// Removes a staging directory tree, also one whose directories lack write permission (unprivileged
+/// unpacks keep image modes like 0555).
+pub fn remove_staging(path: &Path) -> Result<()> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(());
+    };
+    let parent_fd =
+        rustix::fs::open(parent, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| io_err("opening", parent)(e.into()))?;
+    remove_tree_at(&parent_fd, name, true).map_err(|e| io_err("removing", path)(e.into()))
+}
+
 /// Directory metadata applied after all layers (writing into a directory changes its mtime, and an
 /// unprivileged unpack needs write access to directories until the end).
 #[derive(Clone, Copy, Debug)]

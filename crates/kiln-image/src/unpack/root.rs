@@ -28,6 +28,8 @@ pub enum ResolveError {
     NotFound,
     /// A component is a file, not a directory.
     NotADirectory(String),
+    /// The path names something other than a regular file.
+    NotAFile,
     /// More than 40 symlinks.
     TooManySymlinks,
     Io(io::Error),
@@ -39,6 +41,7 @@ impl std::fmt::Display for ResolveError {
             ResolveError::Escape(via) => write!(f, "{via} leads outside the root filesystem"),
             ResolveError::NotFound => write!(f, "a parent directory does not exist"),
             ResolveError::NotADirectory(c) => write!(f, "parent {c:?} is not a directory"),
+            ResolveError::NotAFile => write!(f, "not a regular file"),
             ResolveError::TooManySymlinks => write!(f, "more than {MAX_SYMLINKS} symlinks in the path"),
             ResolveError::Io(e) => write!(f, "{e}"),
         }
@@ -185,6 +188,50 @@ impl RootDir {
     ) -> Result<(OwnedFd, OsString), ResolveError> {
         let (name, parents) = components.split_last().ok_or(ResolveError::NotFound)?;
         Ok((self.resolve_dir(parents, create)?, name.clone()))
+    }
+}
+
+impl RootDir {
+    /// Opens a regular file inside the root for reading, following symlinks (a final one too) within
+    /// the root.
+    pub fn open_file(&self, components: &[OsString]) -> Result<std::fs::File, ResolveError> {
+        let mut path = components.to_vec();
+        for _ in 0..=MAX_SYMLINKS {
+            let (parent, name) = self.resolve_parent(&path, false)?;
+            let stat = match rustix::fs::statat(&parent, &name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(s) => s,
+                Err(Errno::NOENT) => return Err(ResolveError::NotFound),
+                Err(e) => return Err(e.into()),
+            };
+            match FileType::from_raw_mode(stat.st_mode) {
+                FileType::RegularFile => {
+                    let fd = rustix::fs::openat(
+                        &parent,
+                        &name,
+                        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )?;
+                    return Ok(fd.into());
+                }
+                FileType::Symlink => {
+                    let target = rustix::fs::readlinkat(&parent, &name, Vec::new())?;
+                    let target = target.as_bytes();
+                    if target.first() != Some(&b'/') {
+                        path.pop();
+                    } else {
+                        path.clear();
+                    }
+                    path.extend(
+                        target
+                            .split(|b| *b == b'/')
+                            .filter(|c| !c.is_empty())
+                            .map(|c| OsString::from_vec(c.to_vec())),
+                    );
+                }
+                _ => return Err(ResolveError::NotAFile),
+            }
+        }
+        Err(ResolveError::TooManySymlinks)
     }
 }
 
