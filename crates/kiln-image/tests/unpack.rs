@@ -75,6 +75,7 @@ impl Sandbox {
     fn assert_refused(&self, layer: Vec<u8>, why: &str) {
         let before = self.outside_tree();
         let err = self.apply(&[layer], &UnpackOptions::default()).unwrap_err();
+        eprintln!("{why}: {err}");
         assert!(matches!(err, ImageError::UnsafeEntry { .. }), "{why}: expected a refusal, got: {err}");
         assert_eq!(self.outside_tree(), before, "{why}: something was written outside the root");
         assert_eq!(fs::read(self.dir.path().join("outside/secret")).unwrap(), b"host data");
