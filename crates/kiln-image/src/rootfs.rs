@@ -194,17 +194,25 @@ pub fn apply_fixups(image: &Path, fixups: &[Fixup]) -> Result<()> {
                     NodeKind::Block => ("b", 0o060000),
                     NodeKind::Fifo => ("p", 0o010000),
                 };
-                let quoted = debugfs_path(path)?;
+                // debugfs's mknod takes a name in the current directory, not a path.
+                let (parent, name) = match path.iter().rposition(|b| *b == b'/') {
+                    Some(i) => (&path[..i], &path[i + 1..]),
+                    None => (&path[..0], &path[..]),
+                };
+                writeln!(script, "cd {}", debugfs_quote(parent, "/")?).ok();
+                let name = debugfs_quote(name, "")?;
                 if *kind == NodeKind::Fifo {
-                    writeln!(script, "mknod {quoted} p").ok();
+                    writeln!(script, "mknod {name} p").ok();
                 } else {
-                    writeln!(script, "mknod {quoted} {letter} {major} {minor}").ok();
+                    writeln!(script, "mknod {name} {letter} {major} {minor}").ok();
                 }
+                writeln!(script, "cd /").ok();
+                let quoted = debugfs_quote(path, "/")?;
                 writeln!(script, "sif {quoted} mode 0{:o}", type_bits | (mode & 0o7777)).ok();
                 (path, uid, gid)
             }
         };
-        let quoted = debugfs_path(path)?;
+        let quoted = debugfs_quote(path, "/")?;
         writeln!(script, "sif {quoted} uid {uid}").ok();
         writeln!(script, "sif {quoted} gid {gid}").ok();
     }
@@ -236,8 +244,8 @@ pub fn apply_fixups(image: &Path, fixups: &[Fixup]) -> Result<()> {
     Ok(())
 }
 
-/// `"/path"` for a debugfs command line; names debugfs cannot quote are refused.
-fn debugfs_path(path: &[u8]) -> Result<String> {
+/// `"{prefix}path"` for a debugfs command line; names debugfs cannot quote are refused.
+fn debugfs_quote(path: &[u8], prefix: &str) -> Result<String> {
     if path.iter().any(|b| matches!(b, b'"' | b'\n' | b'\r' | b'\\')) || std::str::from_utf8(path).is_err() {
         return Err(ImageError::Unsupported {
             what: "file name for an unprivileged build",
@@ -247,7 +255,7 @@ fn debugfs_path(path: &[u8]) -> Result<String> {
             ),
         });
     }
-    Ok(format!("\"/{}\"", String::from_utf8_lossy(path)))
+    Ok(format!("\"{prefix}{}\"", String::from_utf8_lossy(path)))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Against a real registry: Debian's `docker-registry` on 127.0.0.1, images pushed with `skopeo`.
 //! Pull (digests checked), list/inspect, rootfs ext4 (checked with debugfs), per-VM disks, kernels
 //! as images, removal; and the failures a user meets: unknown image, registry down, tampered blob.
+#![allow(clippy::unwrap_used)] // Test helpers: a failed setup step should panic.
 
 use std::fs;
 use std::path::Path;
@@ -9,7 +10,8 @@ use std::sync::Mutex;
 
 use kiln_image::kernel::KernelSource;
 use kiln_image::{
-    BlobKind, CopyMethod, ImageError, ImageStore, NoProgress, ProgressEvent, Reference, RegistryOptions, RootfsOptions,
+    BlobKind, CopyMethod, ImageError, ImageStore, NoProgress, ProgressEvent, Reference, RegistryOptions,
+    RootfsOptions,
 };
 use kiln_test_utils::oci::{busybox_layers, OciLayout, TarBuilder, BUSYBOX_APPLETS};
 use kiln_test_utils::registry::{free_port, LocalRegistry};
@@ -64,7 +66,9 @@ fn pull_busybox_build_rootfs_and_vm_disks() {
             events.iter().any(|e| matches!(e, ProgressEvent::BlobStarted { digest: d, kind: BlobKind::Layer { index, count: 2 }, .. } if d.as_str() == digest && *index == i)),
             "no start event for layer {i}: {events:?}"
         );
-        assert!(events.iter().any(|e| matches!(e, ProgressEvent::BlobDone { digest: d, reused: false } if d.as_str() == digest)));
+        assert!(events.iter().any(
+            |e| matches!(e, ProgressEvent::BlobDone { digest: d, reused: false } if d.as_str() == digest)
+        ));
     }
 
     // ls / inspect by short name, ID prefix and pinned digest.
@@ -107,7 +111,9 @@ fn pull_busybox_build_rootfs_and_vm_disks() {
 
     // Each VM gets its own copy, optionally grown, and a clean filesystem.
     let vm_disk = work.path().join("vm1.ext4");
-    let method = images.vm_disk(&name.to_string(), &vm_disk, Some(256 << 20), &RootfsOptions::default(), &NoProgress).unwrap();
+    let method = images
+        .vm_disk(&name.to_string(), &vm_disk, Some(256 << 20), &RootfsOptions::default(), &NoProgress)
+        .unwrap();
     assert!(matches!(method, CopyMethod::Reflink | CopyMethod::SparseCopy));
     assert_eq!(fs::metadata(&vm_disk).unwrap().len(), 256 << 20);
     let fsck = Command::new("e2fsck").args(["-fn"]).arg(&vm_disk).output().unwrap();
@@ -130,7 +136,9 @@ fn unknown_images_and_a_registry_that_is_down_are_clear_errors() {
     let registry = LocalRegistry::start();
     let work = tempfile::tempdir().unwrap();
     let images = ImageStore::open(work.path()).unwrap();
-    let err = images.pull(&reference(&registry, "no/such-image:1"), &RegistryOptions::default(), &NoProgress).unwrap_err();
+    let err = images
+        .pull(&reference(&registry, "no/such-image:1"), &RegistryOptions::default(), &NoProgress)
+        .unwrap_err();
     eprintln!("unknown image: {err}");
     assert!(matches!(err, ImageError::NotFound { .. }), "{err}");
     assert!(err.to_string().contains("not found"), "{err}");
@@ -162,7 +170,9 @@ fn a_tampered_blob_is_refused_and_nothing_is_stored() {
     fs::write(&data_path, &data).unwrap();
 
     let images = ImageStore::open(work.path()).unwrap();
-    let err = images.pull(&reference(&registry, "kiln/tampered:v1"), &RegistryOptions::default(), &NoProgress).unwrap_err();
+    let err = images
+        .pull(&reference(&registry, "kiln/tampered:v1"), &RegistryOptions::default(), &NoProgress)
+        .unwrap_err();
     eprintln!("tampered: {err}");
     match &err {
         ImageError::DigestMismatch { expected, what, source_name, .. } => {

@@ -1,5 +1,6 @@
 //! Layer application: order, whiteouts, opaque directories, hardlinks, unprivileged fixups, and every
 //! kind of escape a crafted layer can try (nothing may be written outside the staging directory).
+#![allow(clippy::unwrap_used)] // Test helpers: a failed setup step should panic.
 
 use std::collections::BTreeSet;
 use std::fs;

@@ -156,23 +156,24 @@ impl RegistryClient {
     /// GET with the current authorization; on 401 answers the challenge and retries once. Returns the
     /// response whatever its status.
     fn get(&self, path: &str, accept: Option<&str>) -> Result<Response<Body>> {
-        let url = self.url(path);
-        for attempt in 0..2 {
-            let mut request = self.agent.get(&url);
-            if let Some(accept) = accept {
-                request = request.header("Accept", accept);
-            }
-            if let Some(authorization) = self.authorization.lock().ok().and_then(|a| a.clone()) {
-                request = request.header("Authorization", authorization);
-            }
-            let response = request.call().map_err(self.unreachable(&url))?;
-            if response.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
-                self.answer_challenge(&response, path)?;
-                continue;
-            }
+        let response = self.send(path, accept)?;
+        if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
         }
-        unreachable!("the loop returns on its second attempt")
+        self.answer_challenge(&response, path)?;
+        self.send(path, accept)
+    }
+
+    fn send(&self, path: &str, accept: Option<&str>) -> Result<Response<Body>> {
+        let url = self.url(path);
+        let mut request = self.agent.get(&url);
+        if let Some(accept) = accept {
+            request = request.header("Accept", accept);
+        }
+        if let Some(authorization) = self.authorization.lock().ok().and_then(|a| a.clone()) {
+            request = request.header("Authorization", authorization);
+        }
+        request.call().map_err(self.unreachable(&url))
     }
 
     fn answer_challenge(&self, response: &Response<Body>, what: &str) -> Result<()> {
