@@ -154,7 +154,7 @@ fn mkfs(staging: &Path, image: &Path, size: u64, inodes: u64) -> Result<()> {
         .arg("-N")
         .arg(inodes.to_string())
         .arg("-E")
-        .arg("lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0")
+        .arg("root_owner=0:0")
         .arg("-d")
         .arg(staging)
         .arg(image);
