@@ -214,19 +214,25 @@ impl ImageStore {
         if let Some(hit) = cached(&path)? {
             return Ok(hit);
         }
-        let _in_use = self.store.use_lock()?;
-        let work = self.store.tmp_dir().join(unique_name("rootfs"));
-        let staging = work.join("root");
-        fs::create_dir_all(&staging).map_err(io_err("creating", &staging))?;
-        let result = (|| {
-            let report = self.unpack_image(&record, &staging, &options.unpack, progress)?;
+        self.in_scratch("rootfs", |work, staging| {
+            let report = self.unpack_image(&record, staging, &options.unpack, progress)?;
             progress.event(ProgressEvent::BuildingFilesystem { bytes: report.bytes });
             let image = work.join("rootfs.ext4");
-            let size = build_ext4(&staging, &image, &report.fixups, options)?;
+            let size = build_ext4(staging, &image, &report.fixups, options)?;
             fs::rename(&image, &path).map_err(io_err("storing", &path))?;
             Ok(RootfsImage { path: path.clone(), size, cached: false })
-        })();
-        let _ = remove_staging(&work);
+        })
+    }
+
+    /// Runs `work` with a fresh scratch directory (`work/`, with an empty `work/root/` to unpack into)
+    /// while holding the store's use lock, and removes the scratch directory afterwards.
+    fn in_scratch<T>(&self, prefix: &str, work: impl FnOnce(&Path, &Path) -> Result<T>) -> Result<T> {
+        let _in_use = self.store.use_lock()?;
+        let dir = self.store.tmp_dir().join(unique_name(prefix));
+        let staging = dir.join("root");
+        fs::create_dir_all(&staging).map_err(io_err("creating", &staging))?;
+        let result = work(&dir, &staging);
+        let _ = remove_staging(&dir);
         result
     }
 
@@ -299,14 +305,10 @@ impl ImageStore {
                 return Ok(cached);
             }
         }
-        let _in_use = self.store.use_lock()?;
-        let work = self.store.tmp_dir().join(unique_name("kernel"));
-        let staging = work.join("root");
-        fs::create_dir_all(&staging).map_err(io_err("creating", &staging))?;
-        let result = (|| {
+        self.in_scratch("kernel", |work, staging| {
             let unprivileged = crate::unpack::UnpackOptions { privileged: false };
-            self.unpack_image(&record, &staging, &unprivileged, progress)?;
-            let root = RootDir::open(&staging).map_err(io_err("opening", &staging))?;
+            self.unpack_image(&record, staging, &unprivileged, progress)?;
+            let root = RootDir::open(staging).map_err(io_err("opening", staging))?;
             for candidate in KERNEL_PATHS {
                 let components = archive_path_components(candidate.as_bytes()).unwrap_or_default();
                 let Ok(mut file) = root.open_file(&components) else { continue };
@@ -322,9 +324,7 @@ impl ImageStore {
                 what: format!("image {name}"),
                 candidates: KERNEL_PATHS.map(|p| format!("/{p}")).join(", "),
             })
-        })();
-        let _ = remove_staging(&work);
-        result
+        })
     }
 }
 

@@ -15,7 +15,7 @@ use crate::oci::{self, Descriptor, Index, Manifest, ManifestDocument, MAX_CONFIG
 use crate::progress::{BlobKind, Progress, ProgressEvent};
 use crate::pull::{parse_manifest, read_config};
 use crate::reference::Reference;
-use crate::store::{now_secs, unique_name, BlobSource, ImageRecord, Store};
+use crate::store::{unique_name, BlobSource, ImageRecord, Store};
 use crate::unpack::root::{archive_path_components, ResolveError, RootDir};
 use crate::unpack::{unpack_layers, LayerSource, UnpackOptions};
 
@@ -143,10 +143,7 @@ fn import_dir(
     }
     store.update_index(|index| {
         for image in &imported {
-            if let Some(name) = &image.name {
-                index.refs.insert(name.to_string(), image.record.manifest.digest.clone());
-            }
-            index.images.insert(image.record.manifest.digest.clone(), image.record.clone());
+            index.add(image.name.as_ref().map(Reference::to_string), &image.record);
         }
         Ok(())
     })?;
@@ -259,15 +256,7 @@ fn ingest_image(
             progress,
         )?;
     }
-    Ok(ImageRecord {
-        manifest: Descriptor { platform: None, annotations: Default::default(), ..manifest_desc },
-        index_digest,
-        config: manifest.config.clone(),
-        layers: manifest.layers.clone(),
-        os: config.os,
-        architecture: config.architecture,
-        added_at: now_secs(),
-    })
+    Ok(ImageRecord::from_manifest(&manifest_desc, index_digest, manifest, &config))
 }
 
 /// One image of a `docker save` archive's `manifest.json`.
@@ -328,45 +317,19 @@ fn import_docker(
                 crate::pull::check_digest(diff_id, &digest, &what, &layout.shown)?;
             }
             let media_type = if gzip { oci::OCI_LAYER_GZIP } else { oci::OCI_LAYER_TAR };
-            layers.push(Descriptor {
-                media_type: media_type.into(),
-                digest,
-                size,
-                platform: None,
-                annotations: Default::default(),
-            });
+            layers.push(Descriptor::new(media_type, digest, size));
         }
         let manifest = Manifest {
             schema_version: 2,
             media_type: Some(oci::OCI_MANIFEST.into()),
-            config: Descriptor {
-                media_type: oci::OCI_CONFIG.into(),
-                digest: config_digest,
-                size: config_size,
-                platform: None,
-                annotations: Default::default(),
-            },
+            config: Descriptor::new(oci::OCI_CONFIG, config_digest, config_size),
             layers,
         };
         let bytes = serde_json::to_vec(&manifest).map_err(json_err("generated manifest"))?;
         let manifest_digest =
             store.ingest_bytes(&bytes, None, &BlobSource { what: "manifest", source_name: &layout.shown })?;
-        let manifest_desc = Descriptor {
-            media_type: oci::OCI_MANIFEST.into(),
-            digest: manifest_digest,
-            size: bytes.len() as u64,
-            platform: None,
-            annotations: Default::default(),
-        };
-        let record = ImageRecord {
-            manifest: manifest_desc,
-            index_digest: None,
-            config: manifest.config.clone(),
-            layers: manifest.layers.clone(),
-            os: config.os.clone(),
-            architecture: config.architecture.clone(),
-            added_at: now_secs(),
-        };
+        let manifest_desc = Descriptor::new(oci::OCI_MANIFEST, manifest_digest, bytes.len() as u64);
+        let record = ImageRecord::from_manifest(&manifest_desc, None, &manifest, &config);
         for name in names {
             out.push(Imported { name, record: record.clone() });
         }

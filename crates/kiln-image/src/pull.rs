@@ -9,7 +9,7 @@ use crate::oci::{self, Descriptor, ImageConfig, Manifest, ManifestDocument, MAX_
 use crate::progress::{BlobKind, Progress, ProgressEvent};
 use crate::reference::Reference;
 use crate::registry::{RegistryClient, RegistryOptions};
-use crate::store::{now_secs, BlobSource, ImageRecord, Store};
+use crate::store::{BlobSource, ImageRecord, Store};
 
 /// Pulls `reference` into `store` and records it under its name. Blobs already stored are reused.
 pub fn pull(
@@ -99,18 +99,9 @@ pub fn pull(
     if let Some(e) = first_error.into_inner().ok().flatten() {
         return Err(e);
     }
-    let record = ImageRecord {
-        manifest: Descriptor { platform: None, annotations: Default::default(), ..manifest_desc },
-        index_digest,
-        config: manifest.config.clone(),
-        layers: manifest.layers.clone(),
-        os: config.os,
-        architecture: config.architecture,
-        added_at: now_secs(),
-    };
+    let record = ImageRecord::from_manifest(&manifest_desc, index_digest, &manifest, &config);
     store.update_index(|index| {
-        index.refs.insert(reference.to_string(), record.manifest.digest.clone());
-        index.images.insert(record.manifest.digest.clone(), record.clone());
+        index.add(Some(reference.to_string()), &record);
         Ok(())
     })?;
     Ok(record)

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::{Digest, HashingWriter};
 use crate::error::{io_err, json_err, ImageError, Result};
-use crate::oci::Descriptor;
+use crate::oci::{Descriptor, ImageConfig, Manifest};
 
 const INDEX_VERSION: u32 = 1;
 
@@ -46,6 +46,28 @@ pub struct ImageRecord {
 }
 
 impl ImageRecord {
+    /// The record for a stored manifest and its config, added now.
+    pub fn from_manifest(
+        manifest_desc: &Descriptor,
+        index_digest: Option<Digest>,
+        manifest: &Manifest,
+        config: &ImageConfig,
+    ) -> Self {
+        ImageRecord {
+            manifest: Descriptor::new(
+                &manifest_desc.media_type,
+                manifest_desc.digest.clone(),
+                manifest_desc.size,
+            ),
+            index_digest,
+            config: manifest.config.clone(),
+            layers: manifest.layers.clone(),
+            os: config.os.clone(),
+            architecture: config.architecture.clone(),
+            added_at: now_secs(),
+        }
+    }
+
     /// The image ID: the config digest.
     pub fn id(&self) -> &Digest {
         &self.config.digest
@@ -76,6 +98,14 @@ pub struct StoreIndex {
 }
 
 impl StoreIndex {
+    /// Adds (or replaces) an image, and points `name` at it when given.
+    pub fn add(&mut self, name: Option<String>, record: &ImageRecord) {
+        if let Some(name) = name {
+            self.refs.insert(name, record.manifest.digest.clone());
+        }
+        self.images.insert(record.manifest.digest.clone(), record.clone());
+    }
+
     /// Names pointing at an image.
     pub fn names_of(&self, manifest: &Digest) -> Vec<String> {
         self.refs.iter().filter(|(_, d)| *d == manifest).map(|(n, _)| n.clone()).collect()
@@ -451,13 +481,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let store = Store::open(root.path()).unwrap();
         let blob = |b: &[u8]| store.ingest_bytes(b, None, &src()).unwrap();
-        let desc = |d: Digest, n: usize| Descriptor {
-            media_type: "x".into(),
-            digest: d,
-            size: n as u64,
-            platform: None,
-            annotations: Default::default(),
-        };
+        let desc = |d: Digest, n: usize| Descriptor::new("x", d, n as u64);
         let record = ImageRecord {
             manifest: desc(blob(b"manifest"), 8),
             index_digest: None,
