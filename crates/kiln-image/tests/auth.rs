@@ -257,3 +257,26 @@ fn manifest_lists_resolve_to_linux_amd64() {
     assert!(matches!(err, ImageError::NoMatchingPlatform { .. }), "{err}");
     assert!(err.to_string().contains("linux/arm64, linux/s390x"), "{err}");
 }
+
+/// Plain HTTP is refused for a registry that is not loopback by name, unless the caller allows it.
+/// (0.0.0.0 is not a loopback address, but on Linux connecting to it reaches this host, so the test
+/// server on 127.0.0.1 answers and no traffic leaves the machine.)
+#[test]
+fn plain_http_needs_a_loopback_registry_or_permission() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = Arc::new(content(dir.path()));
+    let c = content.clone();
+    let listener_port = serve(Arc::new(move |req: &Request| registry_response(&c, &req.path, None)));
+    let state = tempfile::tempdir().unwrap();
+    let images = ImageStore::open(state.path()).unwrap();
+    let remote = Reference::parse(&format!("0.0.0.0:{listener_port}/img:latest")).unwrap();
+    let err = images.pull(&remote, &RegistryOptions::default(), &NoProgress).unwrap_err();
+    assert!(matches!(err, ImageError::InsecureRegistry { .. }), "{err}");
+    assert!(err.to_string().contains("--insecure-registry"), "{err}");
+    let allowed = RegistryOptions {
+        insecure_registries: vec![format!("0.0.0.0:{listener_port}")],
+        ..Default::default()
+    };
+    let summary = images.pull(&remote, &allowed, &NoProgress).unwrap();
+    assert_eq!(summary.id.as_str(), content.config_digest);
+}

@@ -265,3 +265,13 @@ fn a_wrong_diff_id_is_an_error() {
     let err = unpack_layers(&sandbox.root(), &[source], &UnpackOptions::default(), |_| {}).unwrap_err();
     assert!(matches!(err, ImageError::DigestMismatch { .. }), "{err}");
 }
+
+#[test]
+fn zstd_layers_apply_like_gzip_ones() {
+    let sandbox = Sandbox::new();
+    let layers = busybox_layers();
+    let zstd = |l: &[u8]| ruzstd::encoding::compress_to_vec(l, ruzstd::encoding::CompressionLevel::Fastest);
+    sandbox.apply(&[zstd(&layers[0]), zstd(&layers[1])], &UnpackOptions::default()).unwrap();
+    assert_eq!(fs::read(sandbox.root().join("etc/motd")).unwrap(), b"layer two\n");
+    assert!(!sandbox.root().join("etc/removed").exists());
+}

@@ -11,6 +11,7 @@
 //! in [`UnpackReport::fixups`] and applied to the ext4 image afterwards (see `rootfs`).
 
 pub mod root;
+mod zstd;
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -139,12 +140,7 @@ fn decompressed(file: File, layer: &str) -> Result<Box<dyn Read + Send>> {
     if magic.starts_with(&[0x1f, 0x8b]) {
         Ok(Box::new(flate2::read::MultiGzDecoder::new(reader)))
     } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Err(ImageError::Unsupported {
-            what: "layer compression",
-            detail: format!(
-                "layer {layer} is zstd-compressed; only gzip and uncompressed layers are supported"
-            ),
-        })
+        Ok(Box::new(zstd::ZstdFrames::new(reader)))
     } else {
         Ok(Box::new(reader))
     }
