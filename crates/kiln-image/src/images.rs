@@ -182,9 +182,16 @@ impl ImageStore {
         Ok(report)
     }
 
-    /// Removes blobs and caches no image references (see `Store::prune`).
+    /// Removes images no name points at any more (`docker image prune`), then the blobs and caches
+    /// no image references (see `Store::prune`).
     pub fn prune(&self) -> Result<PruneReport> {
-        self.store.prune()
+        let dangling = self.store.update_index(|index| {
+            let before = index.images.len();
+            let named: std::collections::BTreeSet<Digest> = index.refs.values().cloned().collect();
+            index.images.retain(|digest, _| named.contains(digest));
+            Ok(before - index.images.len())
+        })?;
+        Ok(PruneReport { images: dangling, ..self.store.prune()? })
     }
 
     /// The ext4 root filesystem of an image, built on first use and cached per image ID and options.

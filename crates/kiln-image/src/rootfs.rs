@@ -233,6 +233,8 @@ pub fn apply_fixups(image: &Path, fixups: &[Fixup]) -> Result<()> {
         .unwrap_or("")
         .lines()
         .filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty())
+        // A path a later layer removed has nothing left to fix.
+        .filter(|l| !l.contains("File not found by ext2_lookup"))
         .collect();
     if !output.status.success() || !errors.is_empty() {
         return Err(ImageError::ToolFailed {

@@ -427,6 +427,8 @@ impl Store {
 /// What `prune` removed.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PruneReport {
+    /// Images removed because no name pointed at them (only `ImageStore::prune` removes those).
+    pub images: usize,
     pub blobs: usize,
     pub caches: usize,
     /// Bytes freed by blobs and cache files (directories count as their entry size only).
@@ -474,6 +476,28 @@ mod tests {
         let err = store.ingest(&mut &b"pay"[..], Some((&good, 7)), &src(), &mut |_| {}).unwrap_err();
         assert!(matches!(err, ImageError::SizeMismatch { actual: 3, .. }), "{err}");
         assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0, "temp files left behind");
+    }
+
+    #[test]
+    fn concurrent_index_updates_are_not_lost() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::open(root.path()).unwrap();
+        std::thread::scope(|scope| {
+            for t in 0..8 {
+                let store = store.clone();
+                scope.spawn(move || {
+                    for i in 0..10 {
+                        store
+                            .update_index(|idx| {
+                                idx.refs.insert(format!("r{t}-{i}"), Digest::of(b"x"));
+                                Ok(())
+                            })
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(store.read_index().unwrap().refs.len(), 80);
     }
 
     #[test]

@@ -173,3 +173,29 @@ fn unprivileged_build_sets_owners_inside_the_image() {
     let root = stat("/");
     assert!(root.contains("User:     0"), "{root}");
 }
+
+/// Moving a name to another image leaves the old one unnamed; `prune` removes it and its blobs.
+#[test]
+fn prune_removes_images_left_without_a_name() {
+    let work = tempfile::tempdir().unwrap();
+    let images = ImageStore::open(&work.path().join("state")).unwrap();
+    let mut ids = Vec::new();
+    for (i, text) in [b"one".as_slice(), b"two"].into_iter().enumerate() {
+        let mut layout = OciLayout::create(&work.path().join(format!("layout{i}")));
+        let mut layer = TarBuilder::new();
+        layer.file("version", 0o644, text);
+        let built = layout.add_image(&[layer.finish()], true, json!({}), "latest");
+        images.import(&layout.dir, Some(&name("app:1")), &NoProgress).unwrap();
+        ids.push(built);
+    }
+    let listed = images.list().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().any(|s| s.names.is_empty() && s.id.as_str() == ids[0].config_digest));
+    let report = images.prune().unwrap();
+    assert_eq!(report.images, 1);
+    let remaining = images.list().unwrap();
+    assert_eq!(remaining.len(), 1);
+    assert_eq!(remaining[0].id.as_str(), ids[1].config_digest);
+    let old_layer = kiln_image::Digest::parse(&ids[0].layer_digests[0]).unwrap();
+    assert!(!images.store().blob_path(&old_layer).exists());
+}
