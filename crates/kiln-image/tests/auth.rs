@@ -260,7 +260,8 @@ fn manifest_lists_resolve_to_linux_amd64() {
 
 /// Plain HTTP is refused for a registry that is not loopback by name, unless the caller allows it.
 /// (0.0.0.0 is not a loopback address, but on Linux connecting to it reaches this host, so the test
-/// server on 127.0.0.1 answers and no traffic leaves the machine.)
+/// server on 127.0.0.1 answers and no traffic leaves the machine. With HTTP(S)_PROXY set, 0.0.0.0
+/// goes to the proxy like any non-loopback registry and this test fails.)
 #[test]
 fn plain_http_needs_a_loopback_registry_or_permission() {
     let dir = tempfile::tempdir().unwrap();

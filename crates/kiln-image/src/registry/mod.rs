@@ -103,7 +103,7 @@ impl RegistryClient {
             registry: registry.clone(),
             repository: reference.repository().to_string(),
             base_url: format!("{scheme}://{host}"),
-            agent: agent(options.timeout, scheme == "https"),
+            agent: agent(options.timeout, scheme == "https", is_loopback_registry(host)),
             plain_http_allowed,
             credentials: options.credentials.credentials(&registry),
             authorization: Mutex::new(None),
@@ -232,7 +232,8 @@ impl RegistryClient {
         if realm.starts_with("http://") && !(self.plain_http_allowed || is_loopback_registry(realm_host)) {
             return Err(ImageError::InsecureRegistry { registry: realm_host.to_string() });
         }
-        let token_agent = agent(Duration::from_secs(30), realm.starts_with("https://"));
+        let token_agent =
+            agent(Duration::from_secs(30), realm.starts_with("https://"), is_loopback_registry(realm_host));
         let mut request = token_agent.get(realm).query("scope", scope);
         if let Some(service) = service {
             request = request.query("service", service);
@@ -341,8 +342,12 @@ impl RegistryClient {
     }
 }
 
-fn agent(timeout: Duration, https_only: bool) -> ureq::Agent {
-    ureq::Agent::config_builder()
+/// An HTTP agent; proxies from the environment (`HTTPS_PROXY`, ...) are used except for loopback
+/// hosts, which a proxy could not reach.
+fn agent(timeout: Duration, https_only: bool, loopback: bool) -> ureq::Agent {
+    let builder = ureq::Agent::config_builder();
+    let builder = if loopback { builder.proxy(None) } else { builder };
+    builder
         .http_status_as_error(false)
         .https_only(https_only)
         .timeout_connect(Some(timeout))
