@@ -3,7 +3,9 @@
 //! Owns: gating tests on the host's `/dev/kvm` ([`require_kvm!`] skips loudly when it is absent and
 //! never when it is present), locating the guest assets built by `scripts/guest-assets` (the one build
 //! step; this crate only runs it), assembling small purpose-built guest images with binutils, and
-//! waiting helpers. Must not: be a dependency of anything but tests, or hide a failure as a skip.
+//! waiting helpers; OCI fixtures ([`oci`]: raw tar layers, oci-layout directories, a busybox image)
+//! and a real registry ([`registry`]: Debian's `docker-registry` on 127.0.0.1, `skopeo` pushes).
+//! Must not: be a dependency of anything but tests, or hide a failure as a skip.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
@@ -131,6 +133,9 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+pub mod oci;
+pub mod registry;
 
 /// A lab-side wrapper, installed with `Lab::file_bytes(LAB_RETRY_ON_SILENT_RESET.as_bytes(),
 /// "/lab/retry-on-silent-reset", 0o755)` and used as `/lab/retry-on-silent-reset CMD ARGS...`.
