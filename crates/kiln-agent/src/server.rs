@@ -26,7 +26,7 @@ use crate::spawn::{self, Spawned, StdioMode};
 use crate::{copy, error_chain, sys};
 
 /// Frames queued for the writer thread at most.
-const WRITE_QUEUE: usize = 64;
+const WRITE_QUEUE: usize = 16;
 /// After a process exited, its output is drained until the pipe stays empty this long (a
 /// background child may keep the pipe open forever).
 const DRAIN_IDLE_MS: i32 = 100;

@@ -127,6 +127,18 @@ pub fn spawn(reaper: &Reaper, req: &ExecRequest, mode: StdioMode, etc: &Path) ->
     unsafe {
         cmd.pre_exec(move || {
             let err = io::Error::last_os_error;
+            // The agent blocks signals for its signal thread (and may have inherited ignored ones):
+            // the process starts with an empty mask and default dispositions.
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            if libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+                return Err(err());
+            }
+            for sig in 1..libc::SIGRTMIN() {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
             if libc::setsid() < 0 {
                 return Err(err());
             }
