@@ -2,8 +2,8 @@
 //!
 //! Owns: gating tests on the host's `/dev/kvm` ([`require_kvm!`] skips loudly when it is absent and
 //! never when it is present), locating the guest assets built by `scripts/guest-assets` (the one build
-//! step; this crate only runs it), assembling small purpose-built guest images with binutils, and
-//! waiting helpers. Must not: be a dependency of anything but tests, or hide a failure as a skip.
+//! step; this crate only runs it) and the static agent (`scripts/build-agent`), assembling small
+//! purpose-built guest images with binutils, and waiting helpers. Must not: be a dependency of anything but tests, or hide a failure as a skip.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
@@ -130,4 +130,52 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The static `kiln-agent` for guests, built (first time, ~1-2 min) or found (cached) by
+/// `scripts/build-agent`. Panics with the build's output when it fails.
+pub fn static_agent() -> &'static Path {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT.get_or_init(|| {
+        let script = repo_root().join("scripts/build-agent");
+        let out =
+            Command::new("bash").arg(&script).output().unwrap_or_else(|e| panic!("running {script:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "scripts/build-agent failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        assert!(path.is_file(), "scripts/build-agent printed {path:?}, which is not a file");
+        path
+    })
+}
+
+/// A binary of another workspace package (Cargo only gives tests `CARGO_BIN_EXE_*` of their own
+/// package), built on first use with `cargo build -p <package> --bin <bin>` into its own target dir
+/// (`target/test-bins`, so it never waits for the lock of the build running the tests). Cargo's own
+/// freshness check makes it current.
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    static BUILT: OnceLock<std::sync::Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
+    if let Some(p) = built.get(bin) {
+        return p.clone();
+    }
+    let target = repo_root().join("target/test-bins");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .current_dir(repo_root())
+        .args(["build", "-p", package, "--bin", bin, "--target-dir"])
+        .arg(&target)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cargo}: {e}"));
+    assert!(
+        out.status.success(),
+        "cargo build -p {package} --bin {bin} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = target.join("debug").join(bin);
+    built.insert(bin.to_string(), path.clone());
+    path
 }
