@@ -392,8 +392,8 @@ impl Drop for Client {
 
 /// Connects to a Firecracker-style vsock host side once: `CONNECT <port>\n`, then `OK <n>\n`.
 fn vsock_connect_once(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, ClientError> {
-    let mut s =
-        UnixStream::connect(uds).map_err(|source| ClientError::Connect { path: uds.to_path_buf(), source })?;
+    let mut s = UnixStream::connect(uds)
+        .map_err(|source| ClientError::Connect { path: uds.to_path_buf(), source })?;
     let fail = |detail: String| ClientError::VsockConnect { path: uds.to_path_buf(), port, detail };
     s.set_read_timeout(Some(timeout)).map_err(ClientError::Local)?;
     s.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(|e| fail(format!("writing CONNECT: {e}")))?;
@@ -402,7 +402,9 @@ fn vsock_connect_once(uds: &Path, port: u32, timeout: Duration) -> Result<UnixSt
     let mut byte = [0u8; 1];
     loop {
         match s.read(&mut byte) {
-            Ok(0) => return Err(fail("the VMM closed the connection (no listener on that port yet?)".into())),
+            Ok(0) => {
+                return Err(fail("the VMM closed the connection (no listener on that port yet?)".into()))
+            }
             Ok(_) if byte[0] == b'\n' => break,
             Ok(_) if line.len() >= MAX_OK_LINE => return Err(fail("over-long answer line".into())),
             Ok(_) => line.push(byte[0]),
@@ -423,13 +425,16 @@ impl Client {
     pub fn from_stream(stream: UnixStream, timeout: Duration) -> Result<Client, ClientError> {
         let mut s = stream;
         s.set_read_timeout(Some(timeout)).map_err(ClientError::Local)?;
-        let welcome = client_handshake(&mut s, &hello(concat!("kiln-agent-proto ", env!("CARGO_PKG_VERSION"))))
-            .map_err(|e| match e {
-                ProtoError::Io(io) if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                    ClientError::Timeout(timeout)
-                }
-                other => ClientError::Proto(other),
-            })?;
+        let welcome =
+            client_handshake(&mut s, &hello(concat!("kiln-agent-proto ", env!("CARGO_PKG_VERSION"))))
+                .map_err(|e| match e {
+                    ProtoError::Io(io)
+                        if matches!(io.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+                    {
+                        ClientError::Timeout(timeout)
+                    }
+                    other => ClientError::Proto(other),
+                })?;
         s.set_read_timeout(None).map_err(ClientError::Local)?;
         let mut reader = s.try_clone().map_err(ClientError::Local)?;
         let shared = Arc::new(Shared {
@@ -688,7 +693,11 @@ impl Process {
     }
 
     /// Copies stdout and stderr to the writers as they come, then waits for the exit.
-    pub fn pump(&self, stdout: &mut (impl Write + Send), stderr: &mut (impl Write + Send)) -> Result<ExitStatus, ClientError> {
+    pub fn pump(
+        &self,
+        stdout: &mut (impl Write + Send),
+        stderr: &mut (impl Write + Send),
+    ) -> Result<ExitStatus, ClientError> {
         std::thread::scope(|s| {
             let err = s.spawn(|| io::copy(&mut self.stderr(), stderr));
             let out = io::copy(&mut self.stdout(), stdout);

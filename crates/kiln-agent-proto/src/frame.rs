@@ -207,7 +207,7 @@ mod tests {
             for i in 0..n {
                 buf.push((x >> (i % 56)) as u8);
             }
-            if buf.len() >= 4 && x % 3 == 0 {
+            if buf.len() >= 4 && x.is_multiple_of(3) {
                 // Mostly-plausible lengths too.
                 let l = ((x >> 8) % 80) as u32;
                 buf[..4].copy_from_slice(&l.to_be_bytes());

@@ -40,7 +40,12 @@ pub fn check_hello(h: &Hello) -> Result<u16, Refused> {
             version(h.major, h.minor)
         )));
     }
-    Ok(h.minor.min(PROTOCOL_MINOR))
+    Ok(negotiate_minor(h.minor, PROTOCOL_MINOR))
+}
+
+/// The minor version a session uses: the older side's.
+pub fn negotiate_minor(theirs: u16, ours: u16) -> u16 {
+    theirs.min(ours)
 }
 
 /// Agent side: reads the host's Hello and answers it. `welcome` is filled with the negotiated

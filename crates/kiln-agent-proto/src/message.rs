@@ -338,7 +338,8 @@ impl Message {
     fn encode_body(&self) -> Result<(u8, Vec<u8>), ProtoError> {
         use kind::*;
         let name = self.name();
-        let j = |v: serde_json::Result<Vec<u8>>| v.map_err(|source| ProtoError::Encode { kind: name, source });
+        let j =
+            |v: serde_json::Result<Vec<u8>>| v.map_err(|source| ProtoError::Encode { kind: name, source });
         Ok(match self {
             Message::Hello(h) => (HELLO, j(serde_json::to_vec(h))?),
             Message::Welcome(w) => (WELCOME, j(serde_json::to_vec(w))?),
@@ -369,7 +370,9 @@ impl Message {
             Message::CopyOut(c) => (COPY_OUT, j(serde_json::to_vec(c))?),
             Message::CopyData(d) => (COPY_DATA, d.clone()),
             Message::CopyEnd => (COPY_END, vec![]),
-            Message::CopyDone { bytes } => (COPY_DONE, j(serde_json::to_vec(&CopyDoneBody { bytes: *bytes }))?),
+            Message::CopyDone { bytes } => {
+                (COPY_DONE, j(serde_json::to_vec(&CopyDoneBody { bytes: *bytes }))?)
+            }
             Message::WaitMain => (WAIT_MAIN, vec![]),
             Message::AttachMain => (ATTACH_MAIN, vec![]),
         })
@@ -470,12 +473,7 @@ mod tests {
 
     fn all_messages() -> Vec<Message> {
         vec![
-            Message::Hello(Hello {
-                magic: Hello::MAGIC.into(),
-                major: 1,
-                minor: 0,
-                software: "t".into(),
-            }),
+            Message::Hello(Hello { magic: Hello::MAGIC.into(), major: 1, minor: 0, software: "t".into() }),
             Message::Welcome(Welcome {
                 major: 1,
                 minor: 0,

@@ -8,7 +8,7 @@
 //! receiver never buffers more than [`INITIAL_WINDOW`] bytes per channel, whatever the peer does.
 
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::INITIAL_WINDOW;
 
@@ -40,30 +40,25 @@ impl Default for SendWindow {
 
 impl SendWindow {
     pub fn new(initial: u32) -> Self {
-        SendWindow { state: Mutex::new(SendState { credit: initial as u64, closed: false }), cond: Condvar::new() }
+        SendWindow {
+            state: Mutex::new(SendState { credit: initial as u64, closed: false }),
+            cond: Condvar::new(),
+        }
     }
 
     /// Waits until some credit is available and takes up to `max` bytes of it. `None` once the
     /// window is closed (the stream or the connection ended).
     pub fn take(&self, max: usize) -> Option<usize> {
-        let mut s = lock(&self.state);
-        loop {
-            if s.closed {
-                return None;
-            }
-            if s.credit > 0 {
-                let n = (max as u64).min(s.credit);
-                s.credit -= n;
-                return Some(n as usize);
-            }
-            s = self.cond.wait(s).unwrap_or_else(|p| p.into_inner());
-        }
+        self.take_until(max, None)
     }
 
     /// Like [`SendWindow::take`] but gives up after `timeout` with `Some(0)`.
     pub fn take_timeout(&self, max: usize, timeout: Duration) -> Option<usize> {
+        self.take_until(max, Some(Instant::now() + timeout))
+    }
+
+    fn take_until(&self, max: usize, deadline: Option<Instant>) -> Option<usize> {
         let mut s = lock(&self.state);
-        let deadline = std::time::Instant::now() + timeout;
         loop {
             if s.closed {
                 return None;
@@ -73,11 +68,16 @@ impl SendWindow {
                 s.credit -= n;
                 return Some(n as usize);
             }
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                return Some(0);
-            }
-            s = self.cond.wait_timeout(s, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            s = match deadline {
+                None => self.cond.wait(s).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Some(0);
+                    }
+                    self.cond.wait_timeout(s, d - now).unwrap_or_else(|p| p.into_inner()).0
+                }
+            };
         }
     }
 

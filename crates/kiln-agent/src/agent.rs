@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kiln_agent_proto::{ExecRequest, ExitStatus, ShutdownAction};
 
-use crate::config::{AgentConfig, MainConfig};
+use crate::config::AgentConfig;
 use crate::reaper::Reaper;
 use crate::spawn::{self, StdioMode};
 
@@ -131,9 +131,9 @@ impl Agent {
     /// output on the agent's own stdout/stderr (the console as PID 1).
     pub fn start_detached_main(self: &Arc<Self>) {
         let Some(cfg) = self.config.main.clone().filter(|m| !m.wait_for_attach) else { return };
-        match spawn::spawn(&self.reaper, &main_request(&cfg), StdioMode::Console, &self.etc) {
+        match spawn::spawn(&self.reaper, &cfg.exec, StdioMode::Console, &self.etc) {
             Ok(sp) => {
-                tracing::info!(pid = sp.pid, "main process started: {:?}", cfg.argv);
+                tracing::info!(pid = sp.pid, "main process started: {:?}", cfg.exec.argv);
                 let agent = self.clone();
                 std::thread::spawn(move || {
                     let status = sp.exit.recv().unwrap_or(ExitStatus::Code(255));
@@ -145,12 +145,12 @@ impl Agent {
     }
 
     /// For AttachMain: the request to run when the main process waits for an attach.
-    pub fn take_main_for_attach(&self) -> Result<(ExecRequest, bool), String> {
+    pub fn take_main_for_attach(&self) -> Result<ExecRequest, String> {
         let mut phase = lock(&self.main);
         match (*phase, &self.config.main) {
             (MainPhase::WaitingForAttach, Some(cfg)) => {
                 *phase = MainPhase::Running;
-                Ok((main_request(cfg), cfg.stdin))
+                Ok(cfg.exec.clone())
             }
             (MainPhase::None, _) | (_, None) => Err(self.no_main_reason()),
             (MainPhase::Running, _) => Err("the main process is already running (it did not wait for an \
@@ -186,7 +186,9 @@ impl Agent {
         let agent = self.clone();
         std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_millis(agent.config.exit_linger_ms);
-            while Instant::now() < deadline && agent.connections.load(Ordering::SeqCst) > 0 && !agent.is_stopping()
+            while Instant::now() < deadline
+                && agent.connections.load(Ordering::SeqCst) > 0
+                && !agent.is_stopping()
             {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -208,16 +210,5 @@ impl Agent {
                 _ => phase = self.main_cond.wait(phase).unwrap_or_else(|p| p.into_inner()),
             }
         }
-    }
-}
-
-fn main_request(cfg: &MainConfig) -> ExecRequest {
-    ExecRequest {
-        argv: cfg.argv.clone(),
-        env: cfg.env.clone(),
-        cwd: cfg.cwd.clone(),
-        user: cfg.user.clone(),
-        tty: cfg.tty,
-        stdin: cfg.stdin,
     }
 }

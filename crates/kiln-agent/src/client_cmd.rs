@@ -113,7 +113,9 @@ pub fn run(args: ClientArgs) -> anyhow::Result<i32> {
     let client = connect(&args)?;
     match args.action {
         Action::Exec { interactive, tty, env, user, cwd, argv } => {
-            let tty = tty.then(|| sys::window_size(std::io::stdin().as_raw_fd()).unwrap_or(WindowSize { rows: 24, cols: 80 }));
+            let tty = tty.then(|| {
+                sys::window_size(std::io::stdin().as_raw_fd()).unwrap_or(WindowSize { rows: 24, cols: 80 })
+            });
             let req = ExecRequest { argv, env, cwd, user, tty, stdin: interactive };
             let p = Arc::new(client.exec(req)?);
             if interactive {
@@ -144,7 +146,10 @@ pub fn run(args: ClientArgs) -> anyhow::Result<i32> {
         Action::Ping => {
             let rtt = client.ping(Duration::from_secs(args.timeout))?;
             let w = client.welcome();
-            println!("pong from {} (protocol {}.{}, pid1={}) in {rtt:?}", w.software, w.major, w.minor, w.pid1);
+            println!(
+                "pong from {} (protocol {}.{}, pid1={}) in {rtt:?}",
+                w.software, w.major, w.minor, w.pid1
+            );
             Ok(0)
         }
         Action::Shutdown { reboot, grace } => {

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use kiln_agent_proto::WindowSize;
+use kiln_agent_proto::ExecRequest;
 use serde::Deserialize;
 
 /// Where the host injects the configuration.
@@ -34,27 +34,17 @@ fn default_linger_ms() -> u64 {
     3000
 }
 
+/// The main process: an exec request (`argv`, `env`, `cwd`, `user`; with `wait_for_attach` also
+/// `tty` and `stdin`) plus how it starts.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct MainConfig {
-    pub argv: Vec<String>,
-    #[serde(default)]
-    pub env: Vec<String>,
-    #[serde(default)]
-    pub cwd: Option<String>,
-    #[serde(default)]
-    pub user: Option<String>,
+    #[serde(flatten)]
+    pub exec: ExecRequest,
     /// Start only when a host attaches (AttachMain) and stream its stdio there, like `docker run`
     /// in the foreground. Otherwise it starts at boot with stdin /dev/null and its output on the
     /// console.
     #[serde(default)]
     pub wait_for_attach: bool,
-    /// With `wait_for_attach`: run it on a terminal of this size.
-    #[serde(default)]
-    pub tty: Option<WindowSize>,
-    /// With `wait_for_attach`: the attached host sends its stdin (else /dev/null).
-    #[serde(default)]
-    pub stdin: bool,
 }
 
 /// How PID 1 powers the VM off.
@@ -98,9 +88,12 @@ impl AgentConfig {
             Err(source) => return Err(ConfigError::Read { path: p, source }),
         };
         let mut text = Vec::new();
-        f.take(MAX_CONFIG_BYTES).read_to_end(&mut text).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
-        let cfg: AgentConfig = serde_json::from_slice(&text).map_err(|source| ConfigError::Parse { path: p.clone(), source })?;
-        if cfg.main.as_ref().is_some_and(|m| m.argv.is_empty()) {
+        f.take(MAX_CONFIG_BYTES)
+            .read_to_end(&mut text)
+            .map_err(|source| ConfigError::Read { path: p.clone(), source })?;
+        let cfg: AgentConfig =
+            serde_json::from_slice(&text).map_err(|source| ConfigError::Parse { path: p.clone(), source })?;
+        if cfg.main.as_ref().is_some_and(|m| m.exec.argv.is_empty()) {
             return Err(ConfigError::EmptyArgv { path: p });
         }
         Ok(cfg)
@@ -117,7 +110,8 @@ mod tests {
         let cfg = AgentConfig::load(&dir.path().join("none.json")).unwrap();
         assert!(cfg.main.is_none() && cfg.poweroff == PoweroffMethod::Reboot);
         let p = dir.path().join("a.json");
-        std::fs::write(&p, r#"{"main": {"argv": ["sh"], "wait_for_attach": true}, "poweroff": "acpi"}"#).unwrap();
+        std::fs::write(&p, r#"{"main": {"argv": ["sh"], "wait_for_attach": true}, "poweroff": "acpi"}"#)
+            .unwrap();
         let cfg = AgentConfig::load(&p).unwrap();
         assert!(cfg.main.unwrap().wait_for_attach);
         assert_eq!(cfg.poweroff, PoweroffMethod::Acpi);

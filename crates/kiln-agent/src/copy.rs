@@ -31,7 +31,10 @@ impl CopyInSession {
     /// Hands a chunk to the writer; `Err` when the host exceeded its credit (protocol error).
     pub fn push(&self, stream: u32, data: Vec<u8>) -> Result<(), String> {
         lock(&self.window).received(data.len()).map_err(|e| {
-            format!("the host sent {} bytes of copy data on stream {stream} with {} bytes of credit", e.outstanding, e.window)
+            format!(
+                "the host sent {} bytes of copy data on stream {stream} with {} bytes of credit",
+                e.outstanding, e.window
+            )
         })?;
         if let Some(tx) = lock(&self.tx).as_ref() {
             let _ = tx.send(Some(data));
@@ -95,7 +98,8 @@ impl Read for ChunkReader {
 /// Starts the writer thread of a copy-in; the returned session receives the data.
 pub fn start_copy_in(conn: Arc<Conn>, stream: u32, req: CopyIn) -> Arc<CopyInSession> {
     let (tx, rx) = channel();
-    let session = Arc::new(CopyInSession { tx: Mutex::new(Some(tx)), window: Mutex::new(RecvWindow::default()) });
+    let session =
+        Arc::new(CopyInSession { tx: Mutex::new(Some(tx)), window: Mutex::new(RecvWindow::default()) });
     let mut input = ChunkReader {
         rx,
         session: session.clone(),
@@ -220,7 +224,8 @@ impl Write for CreditWriter {
 /// Starts the reader thread of a copy-out; `window` receives the host's credit.
 pub fn start_copy_out(conn: Arc<Conn>, stream: u32, req: CopyOut, window: Arc<SendWindow>) {
     std::thread::spawn(move || {
-        let mut out = CreditWriter { conn: conn.clone(), stream, window, buf: Vec::with_capacity(MAX_DATA_CHUNK) };
+        let mut out =
+            CreditWriter { conn: conn.clone(), stream, window, buf: Vec::with_capacity(MAX_DATA_CHUNK) };
         let result = match req.format {
             CopyFormat::File => send_file(&req.path, &mut out),
             CopyFormat::Tar => send_tar(&req.path, &mut out),
@@ -237,7 +242,10 @@ pub fn start_copy_out(conn: Arc<Conn>, stream: u32, req: CopyOut, window: Arc<Se
 fn send_file(path: &str, out: &mut CreditWriter) -> io::Result<()> {
     let mut f = File::open(absolute(path)?)?;
     if !f.metadata()?.is_file() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file (copy directories as tar)"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file (copy directories as tar)",
+        ));
     }
     io::copy(&mut f, out)?;
     Ok(())
@@ -258,7 +266,12 @@ const MAX_TAR_DEPTH: usize = 256;
 
 /// Archives `src` as `name`, recursing into directories without following symlinks. Sockets,
 /// fifos and devices are skipped (they cannot be copied meaningfully).
-fn append_tree(b: &mut tar::Builder<&mut CreditWriter>, src: &Path, name: &Path, depth: usize) -> io::Result<()> {
+fn append_tree(
+    b: &mut tar::Builder<&mut CreditWriter>,
+    src: &Path,
+    name: &Path,
+    depth: usize,
+) -> io::Result<()> {
     let meta = std::fs::symlink_metadata(src)?;
     let ft = meta.file_type();
     if !(ft.is_dir() || ft.is_file() || ft.is_symlink()) {

@@ -23,7 +23,13 @@ const NOSUID_NODEV_NOEXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | li
 const MOUNTS: &[Mount] = &[
     Mount { source: "proc", target: "/proc", fstype: "proc", flags: NOSUID_NODEV_NOEXEC, data: "" },
     Mount { source: "sysfs", target: "/sys", fstype: "sysfs", flags: NOSUID_NODEV_NOEXEC, data: "" },
-    Mount { source: "devtmpfs", target: "/dev", fstype: "devtmpfs", flags: libc::MS_NOSUID, data: "mode=0755" },
+    Mount {
+        source: "devtmpfs",
+        target: "/dev",
+        fstype: "devtmpfs",
+        flags: libc::MS_NOSUID,
+        data: "mode=0755",
+    },
     Mount {
         source: "devpts",
         target: "/dev/pts",
@@ -31,8 +37,20 @@ const MOUNTS: &[Mount] = &[
         flags: libc::MS_NOSUID | libc::MS_NOEXEC,
         data: "gid=5,mode=620,ptmxmode=666",
     },
-    Mount { source: "shm", target: "/dev/shm", fstype: "tmpfs", flags: libc::MS_NOSUID | libc::MS_NODEV, data: "mode=1777" },
-    Mount { source: "run", target: "/run", fstype: "tmpfs", flags: libc::MS_NOSUID | libc::MS_NODEV, data: "mode=0755" },
+    Mount {
+        source: "shm",
+        target: "/dev/shm",
+        fstype: "tmpfs",
+        flags: libc::MS_NOSUID | libc::MS_NODEV,
+        data: "mode=1777",
+    },
+    Mount {
+        source: "run",
+        target: "/run",
+        fstype: "tmpfs",
+        flags: libc::MS_NOSUID | libc::MS_NODEV,
+        data: "mode=0755",
+    },
 ];
 
 fn mounted_targets() -> HashSet<String> {
@@ -50,7 +68,8 @@ pub fn setup_pid1(config: &AgentConfig) {
     for m in MOUNTS {
         // /proc first, then /proc/self/mounts tells what the kernel already mounted (devtmpfs).
         let present = if m.target == "/proc" { HashSet::new() } else { mounted_targets() };
-        if present.contains(m.target) || (m.target == "/proc" && std::path::Path::new("/proc/self").exists()) {
+        if present.contains(m.target) || (m.target == "/proc" && std::path::Path::new("/proc/self").exists())
+        {
             continue;
         }
         let _ = std::fs::create_dir_all(m.target);
@@ -63,9 +82,12 @@ pub fn setup_pid1(config: &AgentConfig) {
             eprintln!("kiln-agent: mounting tmpfs on /tmp (read-only root): {e}");
         }
     }
-    for (link, target) in
-        [("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"), ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")]
-    {
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
         let _ = std::os::unix::fs::symlink(target, link);
     }
     if !(0..3).all(sys::fd_is_open) {
@@ -96,7 +118,9 @@ pub fn setup_pid1(config: &AgentConfig) {
 pub fn stop_for_signal(role: Role, signal: i32) -> Option<StopRequest> {
     let kind = match (role, signal) {
         (Role::Init, libc::SIGTERM | libc::SIGINT) => StopKind::Guest(ShutdownAction::Reboot),
-        (Role::Init, libc::SIGUSR1 | libc::SIGUSR2 | libc::SIGPWR) => StopKind::Guest(ShutdownAction::Poweroff),
+        (Role::Init, libc::SIGUSR1 | libc::SIGUSR2 | libc::SIGPWR) => {
+            StopKind::Guest(ShutdownAction::Poweroff)
+        }
         (_, libc::SIGTERM | libc::SIGINT) => StopKind::AgentOnly,
         _ => return None,
     };
@@ -175,7 +199,10 @@ fn stop_guest_as_pid1(agent: &Agent, kind: StopKind, grace: Duration) -> ! {
             PoweroffMethod::Acpi => libc::RB_POWER_OFF,
         },
     };
-    eprintln!("kiln-agent: {}", if cmd == libc::RB_POWER_OFF { "powering off" } else { "rebooting (ends a microVM)" });
+    eprintln!(
+        "kiln-agent: {}",
+        if cmd == libc::RB_POWER_OFF { "powering off" } else { "rebooting (ends a microVM)" }
+    );
     let e = sys::reboot(cmd);
     eprintln!("kiln-agent: reboot(2) failed: {e}");
     // PID 1 exiting panics the kernel; with panic=N the VM still goes down.

@@ -95,7 +95,10 @@ fn main() {
     let args = if pid1 {
         // The kernel hands init the bare words of its command line: never refuse to boot over them.
         Args::try_parse().unwrap_or_else(|e| {
-            eprintln!("kiln-agent: ignoring unusable arguments: {}", e.to_string().lines().next().unwrap_or(""));
+            eprintln!(
+                "kiln-agent: ignoring unusable arguments: {}",
+                e.to_string().lines().next().unwrap_or("")
+            );
             Args::parse_from(["kiln-agent"])
         })
     } else {

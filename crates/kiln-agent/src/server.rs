@@ -112,8 +112,13 @@ pub struct Conn {
 /// virtio-serial port).
 pub fn serve(agent: &Arc<Agent>, mut io: File) {
     let _guard = agent.connection();
-    let welcome =
-        Welcome { major: 0, minor: 0, software: software(), pid1: agent.role == Role::Init, has_main: agent.has_main() };
+    let welcome = Welcome {
+        major: 0,
+        minor: 0,
+        software: software(),
+        pid1: agent.role == Role::Init,
+        has_main: agent.has_main(),
+    };
     match serve_handshake(&mut io, welcome) {
         Ok((hello, _)) => tracing::info!("host connected: {}", hello.software),
         Err(e) => {
@@ -132,7 +137,11 @@ pub fn serve(agent: &Arc<Agent>, mut io: File) {
     let dead = Arc::new(AtomicBool::new(false));
     let writer_dead = dead.clone();
     let writer_thread = std::thread::spawn(move || write_loop(&mut writer, rx, &writer_dead));
-    let conn = Arc::new(Conn { agent: agent.clone(), sink: Sink { tx, dead: dead.clone() }, sessions: Mutex::new(HashMap::new()) });
+    let conn = Arc::new(Conn {
+        agent: agent.clone(),
+        sink: Sink { tx, dead: dead.clone() },
+        sessions: Mutex::new(HashMap::new()),
+    });
 
     loop {
         match read_envelope(&mut io) {
@@ -214,7 +223,10 @@ impl Conn {
         }
         if sessions.len() >= MAX_STREAMS {
             drop(sessions);
-            self.sink.error(stream, format!("too many concurrent requests on one connection (limit {MAX_STREAMS})"));
+            self.sink.error(
+                stream,
+                format!("too many concurrent requests on one connection (limit {MAX_STREAMS})"),
+            );
             return Ok(false);
         }
         drop(sessions);
@@ -243,7 +255,9 @@ impl Conn {
                     } else {
                         match sys::set_realtime(secs, nanos) {
                             Ok(()) => Message::Ok,
-                            Err(e) => Message::Error { message: format!("setting the guest clock failed: {e}") },
+                            Err(e) => {
+                                Message::Error { message: format!("setting the guest clock failed: {e}") }
+                            }
                         }
                     };
                     self.sink.send(stream, &reply);
@@ -267,7 +281,7 @@ impl Conn {
             Message::AttachMain => {
                 if self.new_stream(stream)? {
                     match self.agent.take_main_for_attach() {
-                        Ok((req, _)) => self.start_exec(stream, req, true),
+                        Ok(req) => self.start_exec(stream, req, true),
                         Err(message) => {
                             self.sink.error(stream, message);
                         }
@@ -291,7 +305,10 @@ impl Conn {
             Message::Stdin(data) => {
                 let Some(s) = self.session_exec(stream) else { return Ok(()) };
                 lock(&s.stdin_window).received(data.len()).map_err(|e| {
-                    format!("the host sent {} bytes of stdin on stream {stream} with {} bytes of credit", e.outstanding, e.window)
+                    format!(
+                        "the host sent {} bytes of stdin on stream {stream} with {} bytes of credit",
+                        e.outstanding, e.window
+                    )
                 })?;
                 let tx = lock(&s.stdin).clone();
                 if let Some(tx) = tx {
@@ -310,7 +327,9 @@ impl Conn {
                 }
             }
             Message::Resize(size) => {
-                if let Some(pty) = self.session_exec(stream).and_then(|s| s.pty.as_ref().map(|p| p.as_raw_fd())) {
+                if let Some(pty) =
+                    self.session_exec(stream).and_then(|s| s.pty.as_ref().map(|p| p.as_raw_fd()))
+                {
                     if let Err(e) = sys::set_window_size(pty, size) {
                         tracing::warn!("resizing the terminal of stream {stream}: {e}");
                     }
@@ -389,13 +408,20 @@ impl Conn {
         }
     }
 
-    fn serve_process(self: &Arc<Self>, stream: u32, sp: Spawned, want_stdin: bool, main: bool) -> std::io::Result<()> {
+    fn serve_process(
+        self: &Arc<Self>,
+        stream: u32,
+        sp: Spawned,
+        want_stdin: bool,
+        main: bool,
+    ) -> std::io::Result<()> {
         let Spawned { pid, exit, stdin, stdout, stderr, pty } = sp;
         let tty = pty.is_some();
         let (outputs, stdin_dst) = match &pty {
-            Some(master) => {
-                (vec![(master.try_clone()?, Channel::Stdout)], if want_stdin { Some(master.try_clone()?) } else { None })
-            }
+            Some(master) => (
+                vec![(master.try_clone()?, Channel::Stdout)],
+                if want_stdin { Some(master.try_clone()?) } else { None },
+            ),
             None => {
                 let outs = [(stdout, Channel::Stdout), (stderr, Channel::Stderr)]
                     .into_iter()

@@ -121,7 +121,8 @@ pub fn spawn(reaper: &Reaper, req: &ExecRequest, mode: StdioMode, etc: &Path) ->
         }
     }
 
-    let ids = identity.map(|i| (i.uid, i.gid, i.groups.iter().map(|&g| g as libc::gid_t).collect::<Vec<_>>()));
+    let ids =
+        identity.map(|i| (i.uid, i.gid, i.groups.iter().map(|&g| g as libc::gid_t).collect::<Vec<_>>()));
     // SAFETY: the hook runs in the child between fork and exec and only makes async-signal-safe
     // syscalls on data prepared before the fork (no allocation, no locks).
     unsafe {

@@ -212,7 +212,8 @@ pub fn shutdown_socket(fd: RawFd) {
 pub fn open_pty(size: WindowSize) -> io::Result<(File, File)> {
     let path = cstr("/dev/ptmx")?;
     // SAFETY: NUL-terminated path; the returned fd is owned below.
-    let master = check(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
+    let master =
+        check(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
     // SAFETY: a fresh fd we own.
     let master = unsafe { File::from_raw_fd(master) };
     let unlock: libc::c_int = 0;
@@ -271,7 +272,9 @@ pub fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
 pub fn accept(listener: RawFd) -> io::Result<File> {
     loop {
         // SAFETY: null address pointers are allowed; the fd is owned below.
-        let fd = unsafe { libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+        let fd = unsafe {
+            libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
+        };
         if fd < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {

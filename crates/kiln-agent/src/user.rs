@@ -35,9 +35,13 @@ pub struct Identity {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UserError {
-    #[error("user {0:?} not found in the guest's /etc/passwd (use a numeric uid, or add the user to the image)")]
+    #[error(
+        "user {0:?} not found in the guest's /etc/passwd (use a numeric uid, or add the user to the image)"
+    )]
     NoSuchUser(String),
-    #[error("group {0:?} not found in the guest's /etc/group (use a numeric gid, or add the group to the image)")]
+    #[error(
+        "group {0:?} not found in the guest's /etc/group (use a numeric gid, or add the group to the image)"
+    )]
     NoSuchGroup(String),
     #[error("invalid user {0:?}: expected name, uid, name:group or uid:gid")]
     Invalid(String),
@@ -114,10 +118,14 @@ pub fn resolve(spec: &str, passwd: &[PasswdEntry], groups: &[GroupEntry]) -> Res
         None => primary,
         Some(g) => match parse_id(g) {
             Some(gid) => gid,
-            None if g.bytes().all(|b| b.is_ascii_digit()) => return Err(UserError::Invalid(spec.to_string())),
-            None => {
-                groups.iter().find(|e| e.name == g).map(|e| e.gid).ok_or_else(|| UserError::NoSuchGroup(g.into()))?
+            None if g.bytes().all(|b| b.is_ascii_digit()) => {
+                return Err(UserError::Invalid(spec.to_string()))
             }
+            None => groups
+                .iter()
+                .find(|e| e.name == g)
+                .map(|e| e.gid)
+                .ok_or_else(|| UserError::NoSuchGroup(g.into()))?,
         },
     };
     let mut supplementary = vec![gid];
@@ -159,7 +167,8 @@ mod tests {
         alice:x:1000:1000:Alice,,,:/home/alice:/bin/bash\n\
         bad:x:notanumber:1:::\n\
         nohome:x:1001:1001:::/bin/sh\n";
-    const GROUP: &str = "root:x:0:\nwheel:x:10:alice,bob\nalice:x:1000:\naudio:x:29:alice\nstaff:x:50:\nbroken\n";
+    const GROUP: &str =
+        "root:x:0:\nwheel:x:10:alice,bob\nalice:x:1000:\naudio:x:29:alice\nstaff:x:50:\nbroken\n";
 
     fn r(spec: &str) -> Result<Identity, UserError> {
         resolve(spec, &parse_passwd(PASSWD), &parse_group(GROUP))
@@ -168,8 +177,14 @@ mod tests {
     #[test]
     fn parsing_skips_malformed_lines() {
         let p = parse_passwd(PASSWD);
-        assert_eq!(p.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["root", "daemon", "alice", "nohome"]);
-        assert_eq!(p[2], PasswdEntry { name: "alice".into(), uid: 1000, gid: 1000, home: "/home/alice".into() });
+        assert_eq!(
+            p.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            ["root", "daemon", "alice", "nohome"]
+        );
+        assert_eq!(
+            p[2],
+            PasswdEntry { name: "alice".into(), uid: 1000, gid: 1000, home: "/home/alice".into() }
+        );
         let g = parse_group(GROUP);
         assert_eq!(g.len(), 5);
         assert_eq!(g[1].members, ["alice", "bob"]);

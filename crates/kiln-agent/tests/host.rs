@@ -115,7 +115,10 @@ fn exec_errors_are_reported_with_their_cause() {
     let agent = Agent::start();
     let c = agent.client();
     let e = c.exec(exec(&["no-such-command-kiln"])).unwrap_err();
-    assert!(matches!(&e, ClientError::Remote(m) if m.contains("no-such-command-kiln") && m.contains("No such file")), "{e}");
+    assert!(
+        matches!(&e, ClientError::Remote(m) if m.contains("no-such-command-kiln") && m.contains("No such file")),
+        "{e}"
+    );
     let e = c.exec(ExecRequest { cwd: Some("/nonexistent-dir".into()), ..exec(&["true"]) }).unwrap_err();
     assert!(e.to_string().contains("working directory \"/nonexistent-dir\""), "{e}");
     let e = c.exec(ExecRequest { user: Some("no-such-user-kiln".into()), ..exec(&["true"]) }).unwrap_err();
@@ -135,7 +138,8 @@ fn exec_as_another_user() {
     }
     let agent = Agent::start();
     let c = agent.client();
-    let req = ExecRequest { user: Some("65534:65534".into()), ..exec(&["sh", "-c", "id -u; id -g; echo $HOME"]) };
+    let req =
+        ExecRequest { user: Some("65534:65534".into()), ..exec(&["sh", "-c", "id -u; id -g; echo $HOME"]) };
     let out = c.exec(req).unwrap().output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<_> = text.lines().collect();
@@ -216,7 +220,10 @@ fn many_concurrent_execs_on_one_connection() {
             .map(|i| {
                 let c = &c;
                 s.spawn(move || {
-                    let script = format!("i=0; while [ $i -lt 200 ]; do echo line-{i}-$i; i=$((i+1)); done; exit {}", i % 7);
+                    let script = format!(
+                        "i=0; while [ $i -lt 200 ]; do echo line-{i}-$i; i=$((i+1)); done; exit {}",
+                        i % 7
+                    );
                     let out = c.exec(exec(&["sh", "-c", &script])).unwrap().output().unwrap();
                     (i, out)
                 })
@@ -283,7 +290,8 @@ fn copy_files_and_tar_streams_in_and_out() {
 }
 
 fn tar_listing(archive: &[u8]) -> String {
-    let mut child = Command::new("tar").args(["-tf", "-"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child =
+        Command::new("tar").args(["-tf", "-"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     child.stdin.take().unwrap().write_all(archive).unwrap();
     let out = child.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -320,7 +328,10 @@ fn huge_output_to_a_slow_reader_keeps_the_agent_bounded() {
     let peak = status_kib(agent.pid(), "VmHWM:");
     eprintln!("agent RSS: baseline {baseline} KiB, while slow {during} KiB, peak {peak} KiB");
     // The window (256 KiB) plus the write queue (16 frames of 64 KiB) bound the buffered output.
-    assert!(during < baseline + 8 * 1024, "agent RSS grew from {baseline} to {during} KiB behind a slow reader");
+    assert!(
+        during < baseline + 8 * 1024,
+        "agent RSS grew from {baseline} to {during} KiB behind a slow reader"
+    );
     assert!(peak < baseline + 16 * 1024, "agent peak RSS {peak} KiB (baseline {baseline} KiB)");
 }
 
@@ -415,4 +426,3 @@ fn set_time_is_refused_in_test_mode() {
     let e = agent.client().set_time(std::time::SystemTime::now()).unwrap_err();
     assert!(e.to_string().contains("test mode"), "{e}");
 }
-

@@ -38,7 +38,11 @@ fn inject(root: &Path, agent: &Path, config: &str, dir: &Path) {
     let o = Command::new("debugfs").arg("-w").arg("-f").arg(&cmds).arg(root).output().unwrap();
     assert!(o.status.success(), "debugfs: {}", String::from_utf8_lossy(&o.stderr));
     let o = Command::new("debugfs").args(["-R", "stat /sbin/kiln-agent"]).arg(root).output().unwrap();
-    assert!(String::from_utf8_lossy(&o.stdout).contains("Mode:  0755"), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("Mode:  0755"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }
 
 fn vm_json(disk: &str, uds: &str) -> Vec<u8> {

@@ -41,6 +41,21 @@ macro_rules! require_kvm {
     };
 }
 
+/// Runs `scripts/<name>` with bash and returns its stdout; panics with its stderr when it fails
+/// (tests that need its output cannot run without it).
+fn run_script(name: &str) -> String {
+    let script = repo_root().join("scripts").join(name);
+    let out =
+        Command::new("bash").arg(&script).output().unwrap_or_else(|e| panic!("running {script:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "scripts/{name} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Paths of the guest assets (see guest/README.md).
 #[derive(Debug, Clone)]
 pub struct GuestAssets {
@@ -56,16 +71,8 @@ pub struct GuestAssets {
 pub fn guest_assets() -> &'static GuestAssets {
     static ASSETS: OnceLock<GuestAssets> = OnceLock::new();
     ASSETS.get_or_init(|| {
-        let script = repo_root().join("scripts/guest-assets");
-        let out =
-            Command::new("bash").arg(&script).output().unwrap_or_else(|e| panic!("running {script:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "scripts/guest-assets failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let vars: HashMap<String, PathBuf> = String::from_utf8_lossy(&out.stdout)
+        let stdout = run_script("guest-assets");
+        let vars: HashMap<String, PathBuf> = stdout
             .lines()
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_string(), PathBuf::from(v.trim_matches('\''))))
@@ -137,16 +144,7 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 pub fn static_agent() -> &'static Path {
     static AGENT: OnceLock<PathBuf> = OnceLock::new();
     AGENT.get_or_init(|| {
-        let script = repo_root().join("scripts/build-agent");
-        let out =
-            Command::new("bash").arg(&script).output().unwrap_or_else(|e| panic!("running {script:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "scripts/build-agent failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        let path = PathBuf::from(run_script("build-agent").trim());
         assert!(path.is_file(), "scripts/build-agent printed {path:?}, which is not a file");
         path
     })
