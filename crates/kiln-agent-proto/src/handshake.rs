@@ -11,6 +11,9 @@ use crate::{PROTOCOL_MAJOR, PROTOCOL_MINOR};
 const UPGRADE_HINT: &str = "use a kiln-agent built from the same Kiln release as the host \
     (rebuild it with scripts/build-agent and inject it into the guest again)";
 
+/// Frames of an earlier session a client skips while waiting for its Welcome.
+const MAX_STALE_FRAMES: usize = 4096;
+
 fn version(major: u16, minor: u16) -> String {
     format!("{major}.{minor}")
 }
@@ -90,9 +93,23 @@ pub fn serve_handshake(
 pub fn client_handshake(io: &mut (impl Read + Write), hello: &Hello) -> Result<Welcome, ProtoError> {
     write_envelope(io, 0, &Message::Hello(hello.clone()))?;
     io.flush()?;
-    let env = read_envelope(io)?.ok_or_else(|| {
-        ProtoError::Handshake("the agent closed the connection without answering our Hello".into())
-    })?;
+    // On a virtio-serial port, frames of an earlier host's session may still be on their way:
+    // they are on streams other than 0 and are skipped (a bounded number of them).
+    let mut stale = 0;
+    let env = loop {
+        let env = read_envelope(io)?.ok_or_else(|| {
+            ProtoError::Handshake("the agent closed the connection without answering our Hello".into())
+        })?;
+        if env.stream == 0 {
+            break env;
+        }
+        stale += 1;
+        if stale > MAX_STALE_FRAMES {
+            return Err(ProtoError::Handshake(format!(
+                "no Welcome after {MAX_STALE_FRAMES} frames of earlier sessions"
+            )));
+        }
+    };
     match env.msg {
         Message::Welcome(w) if w.major == hello.major && w.minor <= hello.minor => Ok(w),
         Message::Welcome(w) => Err(ProtoError::Incompatible {
@@ -166,6 +183,19 @@ mod tests {
         let reply = read_envelope(&mut a).unwrap().unwrap();
         assert!(matches!(reply.msg, Message::Refused(ref r) if r.reason.contains("expected Hello")));
         assert!(agent.join().unwrap().is_err());
+    }
+
+    #[test]
+    fn frames_of_an_earlier_session_before_the_welcome_are_skipped() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let agent = std::thread::spawn(move || {
+            // What a virtio-serial port may still carry from the previous host's session.
+            write_envelope(&mut b, 3, &Message::Stdout(b"old".to_vec())).unwrap();
+            write_envelope(&mut b, 1, &Message::Exited(crate::ExitStatus::Code(0))).unwrap();
+            serve_handshake(&mut b, welcome())
+        });
+        client_handshake(&mut a, &hello("t")).unwrap();
+        agent.join().unwrap().unwrap();
     }
 
     #[test]

@@ -8,7 +8,7 @@ use kiln_agent_proto::ShutdownAction;
 
 use crate::agent::{Agent, Role, StopKind, StopRequest};
 use crate::config::{AgentConfig, PoweroffMethod};
-use crate::sys;
+use crate::{server, sys};
 
 struct Mount {
     source: &'static str,
@@ -137,8 +137,12 @@ fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
     done()
 }
 
+/// How long stopping waits for queued replies (the Shutdown's Ok, exits) to reach the hosts.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Stops what `req` asks for; never returns.
 pub fn stop(agent: &Agent, req: StopRequest) -> ! {
+    server::wait_flushed(FLUSH_TIMEOUT);
     match (agent.role, req.kind) {
         // PID 1 cannot stop alone: the guest goes down with it.
         (Role::Init, kind) => stop_guest_as_pid1(agent, kind, req.grace),
@@ -160,6 +164,7 @@ pub fn stop(agent: &Agent, req: StopRequest) -> ! {
         }
         _ => {
             stop_own_processes(agent, req.grace);
+            server::wait_flushed(FLUSH_TIMEOUT);
             std::process::exit(0)
         }
     }
@@ -187,6 +192,7 @@ fn stop_guest_as_pid1(agent: &Agent, kind: StopKind, grace: Duration) -> ! {
         let _ = sys::kill(-1, libc::SIGKILL);
         wait_until(Instant::now() + Duration::from_secs(2), || !sys::has_children());
     }
+    server::wait_flushed(FLUSH_TIMEOUT);
     sys::sync();
     if let Err(e) = sys::remount_root_read_only() {
         tracing::debug!("remounting / read-only: {e}");

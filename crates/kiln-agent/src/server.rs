@@ -11,15 +11,17 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use kiln_agent_proto::handshake::serve_handshake;
-use kiln_agent_proto::message::{read_envelope, Welcome};
+use kiln_agent_proto::handshake::{check_hello, serve_handshake};
+use kiln_agent_proto::message::{read_envelope, Envelope, Welcome};
 use kiln_agent_proto::window::{RecvWindow, SendWindow};
-use kiln_agent_proto::{Channel, ExecRequest, ExitStatus, Message, MAX_DATA_CHUNK, MAX_STREAMS};
+use kiln_agent_proto::{
+    Channel, ExecRequest, ExitStatus, Message, MAX_DATA_CHUNK, MAX_STREAMS, PROTOCOL_MAJOR,
+};
 
 use crate::agent::{Agent, Role, StopKind, StopRequest, DEFAULT_GRACE};
 use crate::spawn::{self, Spawned, StdioMode};
@@ -31,6 +33,17 @@ const WRITE_QUEUE: usize = 16;
 /// background child may keep the pipe open forever).
 const DRAIN_IDLE_MS: i32 = 100;
 
+/// Frames queued for any connection and not written yet (so stopping can let replies out first).
+static UNSENT: AtomicUsize = AtomicUsize::new(0);
+
+/// Waits until every queued frame was written (or `timeout` passed).
+pub fn wait_flushed(timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while UNSENT.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -39,7 +52,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Clone)]
 pub struct Sink {
     tx: SyncSender<Vec<u8>>,
+    /// This session ended (a new host took over the stream).
     dead: Arc<AtomicBool>,
+    /// The connection ended.
+    conn_dead: Arc<AtomicBool>,
 }
 
 impl Sink {
@@ -49,7 +65,14 @@ impl Sink {
             return false;
         }
         match msg.encode(stream) {
-            Ok(frame) => self.tx.send(frame).is_ok(),
+            Ok(frame) => {
+                UNSENT.fetch_add(1, Ordering::SeqCst);
+                let sent = self.tx.send(frame).is_ok();
+                if !sent {
+                    UNSENT.fetch_sub(1, Ordering::SeqCst);
+                }
+                sent
+            }
             Err(e) => {
                 tracing::error!("cannot encode {}: {e}", msg.name());
                 false
@@ -58,7 +81,7 @@ impl Sink {
     }
 
     pub fn is_dead(&self) -> bool {
-        self.dead.load(Ordering::SeqCst)
+        self.dead.load(Ordering::SeqCst) || self.conn_dead.load(Ordering::SeqCst)
     }
 
     pub fn error(&self, stream: u32, message: String) -> bool {
@@ -109,17 +132,13 @@ pub struct Conn {
 }
 
 /// Serves one host connection until it ends. `io` is a connected stream (vsock, Unix socket or
-/// virtio-serial port).
-pub fn serve(agent: &Arc<Agent>, mut io: File) {
+/// virtio-serial port). `rehello`: the transport is one long-lived stream that hosts take over one
+/// after another (a virtio-serial port, where the guest may never see the first host leave), so a
+/// Hello in the middle of a session starts a new session: the old one's processes are hung up and
+/// its streams forgotten, as if its connection had closed.
+pub fn serve(agent: &Arc<Agent>, mut io: File, rehello: bool) {
     let _guard = agent.connection();
-    let welcome = Welcome {
-        major: 0,
-        minor: 0,
-        software: software(),
-        pid1: agent.role == Role::Init,
-        has_main: agent.has_main(),
-    };
-    match serve_handshake(&mut io, welcome) {
+    match serve_handshake(&mut io, welcome(agent)) {
         Ok((hello, _)) => tracing::info!("host connected: {}", hello.software),
         Err(e) => {
             tracing::warn!("handshake failed: {}", error_chain(&e));
@@ -134,17 +153,42 @@ pub fn serve(agent: &Arc<Agent>, mut io: File) {
         }
     };
     let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(WRITE_QUEUE);
-    let dead = Arc::new(AtomicBool::new(false));
-    let writer_dead = dead.clone();
+    let conn_dead = Arc::new(AtomicBool::new(false));
+    let writer_dead = conn_dead.clone();
     let writer_thread = std::thread::spawn(move || write_loop(&mut writer, rx, &writer_dead));
-    let conn = Arc::new(Conn {
-        agent: agent.clone(),
-        sink: Sink { tx, dead: dead.clone() },
-        sessions: Mutex::new(HashMap::new()),
-    });
+    let new_session = || {
+        Arc::new(Conn {
+            agent: agent.clone(),
+            sink: Sink {
+                tx: tx.clone(),
+                dead: Arc::new(AtomicBool::new(false)),
+                conn_dead: conn_dead.clone(),
+            },
+            sessions: Mutex::new(HashMap::new()),
+        })
+    };
+    let mut conn = new_session();
 
     loop {
         match read_envelope(&mut io) {
+            Ok(Some(Envelope { msg: Message::Hello(hello), .. })) if rehello => {
+                tracing::info!("a new host took over the port: {}", hello.software);
+                conn.close();
+                conn = new_session();
+                match check_hello(&hello) {
+                    Ok(minor) => {
+                        conn.sink.send(
+                            0,
+                            &Message::Welcome(Welcome { major: PROTOCOL_MAJOR, minor, ..welcome(agent) }),
+                        );
+                    }
+                    Err(refused) => {
+                        tracing::warn!("refusing the new host: {}", refused.reason);
+                        conn.sink.send(0, &Message::Refused(refused));
+                        break;
+                    }
+                }
+            }
             Ok(Some(env)) => {
                 if let Err(reason) = conn.handle(env.stream, env.msg) {
                     tracing::warn!("closing the connection: {reason}");
@@ -164,18 +208,21 @@ pub fn serve(agent: &Arc<Agent>, mut io: File) {
             }
         }
     }
-    dead.store(true, Ordering::SeqCst);
-    let sessions: Vec<Session> = lock(&conn.sessions).drain().map(|(_, s)| s).collect();
-    for s in sessions {
-        match s {
-            Session::Exec(e) => e.disconnect(),
-            Session::CopyIn(c) => c.abort(),
-            Session::CopyOut(w) => w.close(),
-            Session::WaitMain => {}
-        }
-    }
+    conn_dead.store(true, Ordering::SeqCst);
+    conn.close();
     let _ = writer_thread.join();
     sys::shutdown_socket(io.as_raw_fd());
+}
+
+/// Our Welcome; the handshake fills in the version.
+fn welcome(agent: &Agent) -> Welcome {
+    Welcome {
+        major: 0,
+        minor: 0,
+        software: software(),
+        pid1: agent.role == Role::Init,
+        has_main: agent.has_main(),
+    }
 }
 
 fn software() -> String {
@@ -186,21 +233,41 @@ fn write_loop(w: &mut File, rx: Receiver<Vec<u8>>, dead: &AtomicBool) {
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(frame) => {
-                if let Err(e) = w.write_all(&frame) {
+                let written = w.write_all(&frame);
+                UNSENT.fetch_sub(1, Ordering::SeqCst);
+                if let Err(e) = written {
                     tracing::debug!("writing to the host failed: {e}");
                     dead.store(true, Ordering::SeqCst);
                     sys::shutdown_socket(w.as_raw_fd());
-                    return;
+                    break;
                 }
             }
-            Err(RecvTimeoutError::Timeout) if dead.load(Ordering::SeqCst) => return,
+            Err(RecvTimeoutError::Timeout) if dead.load(Ordering::SeqCst) => break,
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return,
         }
     }
+    // What is still queued will never be written.
+    while rx.try_recv().is_ok() {
+        UNSENT.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Conn {
+    /// Ends this session: nothing more is sent for it, its processes are hung up.
+    fn close(&self) {
+        self.sink.dead.store(true, Ordering::SeqCst);
+        let sessions: Vec<Session> = lock(&self.sessions).drain().map(|(_, s)| s).collect();
+        for s in sessions {
+            match s {
+                Session::Exec(e) => e.disconnect(),
+                Session::CopyIn(c) => c.abort(),
+                Session::CopyOut(w) => w.close(),
+                Session::WaitMain => {}
+            }
+        }
+    }
+
     fn session_exec(&self, stream: u32) -> Option<Arc<ExecSession>> {
         match lock(&self.sessions).get(&stream) {
             Some(Session::Exec(e)) => Some(e.clone()),

@@ -27,7 +27,7 @@ pub fn serve_vsock(agent: Arc<Agent>, port: u32) {
         match sys::accept(listener.as_raw_fd()) {
             Ok(conn) => {
                 let agent = agent.clone();
-                std::thread::spawn(move || server::serve(&agent, conn));
+                std::thread::spawn(move || server::serve(&agent, conn, false));
             }
             Err(e) => {
                 tracing::warn!("vsock accept: {e}");
@@ -48,7 +48,7 @@ pub fn serve_unix(agent: Arc<Agent>, path: PathBuf) -> std::io::Result<()> {
                 Ok(s) => {
                     let agent = agent.clone();
                     let f = File::from(OwnedFd::from(s));
-                    std::thread::spawn(move || server::serve(&agent, f));
+                    std::thread::spawn(move || server::serve(&agent, f, false));
                 }
                 Err(e) => tracing::warn!("accept on {}: {e}", path.display()),
             }
@@ -90,7 +90,7 @@ pub fn serve_virtio_port(agent: Arc<Agent>, name: String) {
         // POLLHUP while no host is connected; POLLIN once one has sent something.
         match sys::poll_events(port.as_raw_fd(), 1000) {
             Ok(ev) if ev & libc::POLLIN != 0 => match port.try_clone() {
-                Ok(f) => server::serve(&agent, f),
+                Ok(f) => server::serve(&agent, f, true),
                 Err(e) => {
                     tracing::warn!("virtio port: {e}");
                     return;
