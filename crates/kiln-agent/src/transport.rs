@@ -39,8 +39,12 @@ pub fn serve_vsock(agent: Arc<Agent>, port: u32) {
 
 /// Serves on a Unix socket (tests and debugging).
 pub fn serve_unix(agent: Arc<Agent>, path: PathBuf) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)?;
+    // Bound under a temporary name and renamed once listening: the path exists only when ready.
+    let mut tmp = path.clone().into_os_string();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    std::fs::rename(&tmp, &path)?;
     tracing::info!("listening on {}", path.display());
     std::thread::spawn(move || {
         for conn in listener.incoming() {
