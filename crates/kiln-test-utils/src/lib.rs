@@ -2,9 +2,10 @@
 //!
 //! Owns: gating tests on the host's `/dev/kvm` ([`require_kvm!`] skips loudly when it is absent and
 //! never when it is present), locating the guest assets built by `scripts/guest-assets` (the one build
-//! step; this crate only runs it), assembling small purpose-built guest images with binutils, and
-//! waiting helpers; OCI fixtures ([`oci`]: raw tar layers, oci-layout directories, a busybox image)
-//! and a real registry ([`registry`]: Debian's `docker-registry` on 127.0.0.1, `skopeo` pushes).
+//! step; this crate only runs it) and the static agent (`scripts/build-agent`), assembling small
+//! purpose-built guest images with binutils, waiting helpers, the lab's retry-on-silent-reset
+//! wrapper; OCI fixtures ([`oci`]: raw tar layers, oci-layout directories, a busybox image) and a
+//! real registry ([`registry`]: Debian's `docker-registry` on 127.0.0.1, `skopeo` pushes).
 //! Must not: be a dependency of anything but tests, or hide a failure as a skip.
 #![allow(clippy::unwrap_used)]
 
@@ -43,6 +44,21 @@ macro_rules! require_kvm {
     };
 }
 
+/// Runs `scripts/<name>` with bash and returns its stdout; panics with its stderr when it fails
+/// (tests that need its output cannot run without it).
+fn run_script(name: &str) -> String {
+    let script = repo_root().join("scripts").join(name);
+    let out =
+        Command::new("bash").arg(&script).output().unwrap_or_else(|e| panic!("running {script:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "scripts/{name} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Paths of the guest assets (see guest/README.md).
 #[derive(Debug, Clone)]
 pub struct GuestAssets {
@@ -58,16 +74,8 @@ pub struct GuestAssets {
 pub fn guest_assets() -> &'static GuestAssets {
     static ASSETS: OnceLock<GuestAssets> = OnceLock::new();
     ASSETS.get_or_init(|| {
-        let script = repo_root().join("scripts/guest-assets");
-        let out =
-            Command::new("bash").arg(&script).output().unwrap_or_else(|e| panic!("running {script:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "scripts/guest-assets failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let vars: HashMap<String, PathBuf> = String::from_utf8_lossy(&out.stdout)
+        let stdout = run_script("guest-assets");
+        let vars: HashMap<String, PathBuf> = stdout
             .lines()
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_string(), PathBuf::from(v.trim_matches('\''))))
@@ -217,4 +225,43 @@ mod tests {
         assert_eq!(out, "console-1\n", "{err}");
         assert!(err.ends_with("KVM_EXIT_SHUTDOWN; guest state: rip=0x1\n"), "{err}");
     }
+}
+
+/// The static `kiln-agent` for guests, built (first time, ~1-2 min) or found (cached) by
+/// `scripts/build-agent`. Panics with the build's output when it fails.
+pub fn static_agent() -> &'static Path {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT.get_or_init(|| {
+        let path = PathBuf::from(run_script("build-agent").trim());
+        assert!(path.is_file(), "scripts/build-agent printed {path:?}, which is not a file");
+        path
+    })
+}
+
+/// A binary of another workspace package (Cargo only gives tests `CARGO_BIN_EXE_*` of their own
+/// package), built on first use with `cargo build -p <package> --bin <bin>` into its own target dir
+/// (`target/test-bins`, so it never waits for the lock of the build running the tests). Cargo's own
+/// freshness check makes it current.
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    static BUILT: OnceLock<std::sync::Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
+    if let Some(p) = built.get(bin) {
+        return p.clone();
+    }
+    let target = repo_root().join("target/test-bins");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .current_dir(repo_root())
+        .args(["build", "-p", package, "--bin", bin, "--target-dir"])
+        .arg(&target)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cargo}: {e}"));
+    assert!(
+        out.status.success(),
+        "cargo build -p {package} --bin {bin} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = target.join("debug").join(bin);
+    built.insert(bin.to_string(), path.clone());
+    path
 }
