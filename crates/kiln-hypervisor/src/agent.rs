@@ -87,18 +87,20 @@ impl AgentChannel {
             match UnixStream::connect(&path) {
                 Ok(stream) => match self {
                     AgentChannel::VirtioSerial { .. } => return Ok(stream),
-                    AgentChannel::Vsock { port, .. } => match vsock_handshake(stream, *port) {
-                        Ok(stream) => return Ok(stream),
-                        Err(last_reply) if timed_out => {
-                            return Err(AgentError::NotListening {
-                                path,
-                                port: *port,
-                                waited: timeout,
-                                last_reply,
-                            })
+                    AgentChannel::Vsock { port, .. } => {
+                        match vsock_handshake(stream, *port, timeout.saturating_sub(start.elapsed())) {
+                            Ok(stream) => return Ok(stream),
+                            Err(last_reply) if timed_out || start.elapsed() >= timeout => {
+                                return Err(AgentError::NotListening {
+                                    path,
+                                    port: *port,
+                                    waited: timeout,
+                                    last_reply,
+                                })
+                            }
+                            Err(_) => {}
                         }
-                        Err(_) => {}
-                    },
+                    }
                 },
                 Err(source) if timed_out => {
                     return Err(AgentError::Connect { path, waited: timeout, source })
@@ -110,11 +112,11 @@ impl AgentChannel {
     }
 }
 
-/// Firecracker's host-initiated vsock handshake. `Err` carries the reply (empty when the VMM closed
-/// the connection: nobody listens on that guest port).
-fn vsock_handshake(mut stream: UnixStream, port: u32) -> Result<UnixStream, String> {
+/// Firecracker's host-initiated vsock handshake, waiting at most `wait` for the answer. `Err`
+/// carries the reply (empty when the VMM closed the connection: nobody listens on that guest port).
+fn vsock_handshake(mut stream: UnixStream, port: u32, wait: Duration) -> Result<UnixStream, String> {
     let io_err = |e: io::Error| e.to_string();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(io_err)?;
+    stream.set_read_timeout(Some(wait.max(Duration::from_millis(1)))).map_err(io_err)?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(io_err)?;
     // Byte by byte: whatever follows the newline is the guest's data and must stay in the stream.
     let mut reply = Vec::new();
@@ -131,6 +133,9 @@ fn vsock_handshake(mut stream: UnixStream, port: u32) -> Result<UnixStream, Stri
                 return Err(text);
             }
             Ok(_) => reply.push(byte[0]),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err("no answer".into())
+            }
             Err(e) => return Err(e.to_string()),
         }
     }
