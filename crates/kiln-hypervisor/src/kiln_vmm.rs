@@ -14,7 +14,9 @@ use kiln_fc_api::ApiClient;
 use crate::agent::AgentChannel;
 use crate::error::HypervisorError;
 use crate::host::{Accelerator, Capabilities, HostProbe};
-use crate::machine::{default_mac, usable_binary, Control, Launch, Machine, RecordDraft, RunState};
+use crate::machine::{
+    default_mac, expect_backend, usable_binary, Control, Launch, Machine, RecordDraft, RunState,
+};
 use crate::record::{StatePaths, VmRecord};
 use crate::spec::{VmSpec, AGENT_GUEST_CID};
 use crate::{BackendKind, Hypervisor, Vm};
@@ -171,13 +173,7 @@ impl Hypervisor for KilnVmmBackend {
 
 /// A handle on a VM the kiln-vmm backend created.
 pub fn attach(record: VmRecord) -> Result<Box<dyn Vm>, HypervisorError> {
-    if record.backend != BackendKind::KilnVmm {
-        return Err(HypervisorError::WrongBackend {
-            name: record.name.clone(),
-            expected: BackendKind::KilnVmm,
-            found: record.backend,
-        });
-    }
+    expect_backend(&record, BackendKind::KilnVmm)?;
     let client = ApiClient::new(&record.control_socket).with_timeout(Some(API_TIMEOUT));
     let name = record.name.clone();
     Ok(Box::new(Machine::new(record, FcControl { name, client })))
@@ -221,5 +217,115 @@ impl Control for FcControl {
             InstanceState::Running => RunState::Running,
             InstanceState::Paused => RunState::Paused,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{AgentSpec, DiskSpec, NetSpec};
+    use kiln_fc_api::models::{ActionType, InstanceInfo, VmState as FcVmState};
+    use kiln_fc_api::{ApiRequest, ApiResponse, ApiServer};
+    use std::sync::{Arc, Mutex};
+
+    fn spec() -> VmSpec {
+        let mut s = VmSpec::new("vm-1", "/k/vmlinux", "console=ttyS0 -- echo hi", "/run/kiln/vm-1");
+        s.vcpus = 2;
+        s.memory_mib = 256;
+        s.initrd = Some("/k/initrd".into());
+        s.root_disk = Some(DiskSpec { path: "/img/root.ext4".into(), read_only: false });
+        s.extra_disks.push(DiskSpec { path: "/img/data.ext4".into(), read_only: true });
+        s.network_interfaces.push(NetSpec { tap: "tap0".into(), mac: None });
+        s.network_interfaces.push(NetSpec { tap: "tap1".into(), mac: Some("02:00:00:00:00:09".into()) });
+        s.agent = Some(AgentSpec { vsock_port: 52 });
+        s
+    }
+
+    #[test]
+    fn kiln_vmm_serves_the_api_on_the_state_dir_socket_without_stdin() {
+        let s = spec();
+        let args = kiln_vmm_args(&s, &StatePaths::new(&s.state_dir), false);
+        assert_eq!(args, ["--api-sock", "/run/kiln/vm-1/api.sock", "--id", "vm-1", "--no-stdin"]);
+        let args = kiln_vmm_args(&s, &StatePaths::new(&s.state_dir), true);
+        assert_eq!(args.last().unwrap(), "--allow-pvm");
+    }
+
+    #[test]
+    fn the_api_configuration_mirrors_the_spec() {
+        let s = spec();
+        let cfg = api_config(&s, &StatePaths::new(&s.state_dir));
+        let m = cfg.machine_config.unwrap();
+        assert_eq!((m.vcpu_count, m.mem_size_mib, m.smt), (2, 256, false));
+        let boot = cfg.boot_source.unwrap();
+        // kiln-vmm adds root= and virtio_mmio.device= itself (before " -- ").
+        assert_eq!(boot.boot_args.as_deref(), Some("console=ttyS0 -- echo hi"));
+        assert_eq!(boot.initrd_path.as_deref(), Some(std::path::Path::new("/k/initrd")));
+        let drives: Vec<_> =
+            cfg.drives.iter().map(|d| (d.drive_id.as_str(), d.is_root_device, d.is_read_only)).collect();
+        assert_eq!(drives, [("rootfs", true, Some(false)), ("disk1", false, Some(true))]);
+        let nets: Vec<_> =
+            cfg.network_interfaces.iter().map(|n| (n.iface_id.as_str(), n.host_dev_name.as_str())).collect();
+        assert_eq!(nets, [("eth0", "tap0"), ("eth1", "tap1")]);
+        assert_eq!(cfg.network_interfaces[0].guest_mac, Some(default_mac("vm-1", 0)));
+        assert_eq!(cfg.network_interfaces[1].guest_mac.as_deref(), Some("02:00:00:00:00:09"));
+        let vsock = cfg.vsock.unwrap();
+        assert_eq!((vsock.guest_cid, vsock.uds_path), (3, "/run/kiln/vm-1/agent.vsock".into()));
+        // The config is what the API accepts: it survives the config-file parser.
+        let mut cfg = api_config(&s, &StatePaths::new(&s.state_dir));
+        cfg.boot_source.as_mut().unwrap().boot_args = None;
+        kiln_fc_api::parse_config_file(&serde_json::to_string(&cfg).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn control_maps_to_firecracker_requests_and_instance_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let state = Arc::new(Mutex::new(InstanceState::NotStarted));
+        let handler = {
+            let (seen, state) = (seen.clone(), state.clone());
+            Arc::new(move |req: ApiRequest| {
+                let mut st = state.lock().unwrap();
+                let response = match &req {
+                    ApiRequest::GetInstanceInfo => {
+                        return ApiResponse::ok(&InstanceInfo {
+                            app_name: "kiln-vmm".into(),
+                            id: "vm-1".into(),
+                            state: *st,
+                            vmm_version: "0".into(),
+                        })
+                    }
+                    ApiRequest::PutAction(a) if a.action_type == ActionType::InstanceStart => {
+                        *st = InstanceState::Running;
+                        ApiResponse::no_content()
+                    }
+                    ApiRequest::PatchVm(v) => {
+                        *st = match v.state {
+                            FcVmState::Paused => InstanceState::Paused,
+                            FcVmState::Resumed => InstanceState::Running,
+                        };
+                        ApiResponse::no_content()
+                    }
+                    ApiRequest::PutAction(_) => ApiResponse::no_content(),
+                    _ => ApiResponse::bad_request("unexpected"),
+                };
+                seen.lock().unwrap().push(format!("{req:?}"));
+                response
+            })
+        };
+        let server = ApiServer::bind(&sock).unwrap().spawn(handler).unwrap();
+        let mut c = FcControl { name: "vm-1".into(), client: ApiClient::new(&sock) };
+        assert_eq!(c.run_state().unwrap(), RunState::Created);
+        c.start().unwrap();
+        assert_eq!(c.run_state().unwrap(), RunState::Running);
+        c.pause().unwrap();
+        assert_eq!(c.run_state().unwrap(), RunState::Paused);
+        c.resume().unwrap();
+        c.request_shutdown().unwrap();
+        let seen = seen.lock().unwrap().join("\n");
+        for want in ["InstanceStart", "Paused", "Resumed", "SendCtrlAltDel"] {
+            assert!(seen.contains(want), "{want} not sent: {seen}");
+        }
+        server.shutdown();
     }
 }

@@ -55,6 +55,14 @@ pub(crate) fn usable_binary(caps: &Capabilities) -> Result<PathBuf, HypervisorEr
     }
 }
 
+/// Refuses a record another backend created.
+pub(crate) fn expect_backend(record: &VmRecord, kind: BackendKind) -> Result<(), HypervisorError> {
+    if record.backend == kind {
+        return Ok(());
+    }
+    Err(HypervisorError::WrongBackend { name: record.name.clone(), expected: kind, found: record.backend })
+}
+
 /// The last lines of `log`, or a note that it could not be read.
 pub(crate) fn log_tail(log: &Path) -> String {
     match std::fs::read(log) {

@@ -33,7 +33,9 @@ use std::time::Duration;
 use crate::agent::AgentChannel;
 use crate::error::HypervisorError;
 use crate::host::{Accelerator, Capabilities, HostProbe};
-use crate::machine::{default_mac, usable_binary, Control, Launch, Machine, RecordDraft, RunState};
+use crate::machine::{
+    default_mac, expect_backend, usable_binary, Control, Launch, Machine, RecordDraft, RunState,
+};
 use crate::qmp::{QmpClient, QmpError};
 use crate::record::{StatePaths, VmRecord};
 use crate::spec::{with_kernel_params, VmSpec, AGENT_SERIAL_PORT_NAME};
@@ -232,13 +234,7 @@ impl Hypervisor for QemuBackend {
 
 /// A handle on a VM the QEMU backend created.
 pub fn attach(record: VmRecord) -> Result<Box<dyn Vm>, HypervisorError> {
-    if record.backend != BackendKind::Qemu {
-        return Err(HypervisorError::WrongBackend {
-            name: record.name.clone(),
-            expected: BackendKind::Qemu,
-            found: record.backend,
-        });
-    }
+    expect_backend(&record, BackendKind::Qemu)?;
     let control = QmpControl { name: record.name.clone(), socket: record.control_socket.clone() };
     Ok(Box::new(Machine::new(record, control)))
 }
