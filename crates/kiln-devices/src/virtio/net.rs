@@ -1016,6 +1016,12 @@ impl VirtioDevice for Net {
             TAP_TOKEN if !self.rx.waiting => self.process_rx(),
             MMDS_TIMER_TOKEN => {
                 if let Some(m) = self.mmds.as_mut() {
+                    // Consume the expiration so the (level-triggered) fd stops being readable.
+                    match m.timer.wait() {
+                        Ok(_) => {}
+                        Err(e) if e.errno() == libc::EAGAIN => {}
+                        Err(e) => tracing::warn!("net {}: reading the MMDS timer failed: {e}", self.id),
+                    }
                     m.stack.poll_timers(Instant::now());
                 }
                 self.process_rx();
