@@ -83,6 +83,23 @@ pub fn guest_assets() -> &'static GuestAssets {
     })
 }
 
+/// A writable copy of the guest rootfs in `dir` with `script` written as `/guest.sh` (boot it
+/// with `-- sh /guest.sh` at the end of boot_args). Written with debugfs: no mounting, no root.
+pub fn rootfs_with_guest_script(dir: &Path, script: &str) -> PathBuf {
+    let root = dir.join("root.ext4");
+    std::fs::copy(&guest_assets().rootfs, &root).unwrap();
+    let file = dir.join("guest.sh");
+    std::fs::write(&file, script).unwrap();
+    let o = Command::new("debugfs")
+        .args(["-w", "-R"])
+        .arg(format!("write {} /guest.sh", file.display()))
+        .arg(&root)
+        .output()
+        .expect("running debugfs (e2fsprogs; scripts/install-deps installs it)");
+    assert!(o.status.success(), "debugfs: {}", String::from_utf8_lossy(&o.stderr));
+    root
+}
+
 /// Assembles `source` (GNU as syntax, x86_64) and links it at `link_address` into an ELF at `out`,
 /// with `_start` as the entry point. Used for small purpose-built guests that run on any KVM,
 /// including PVM hosts where stock Linux cannot boot.
