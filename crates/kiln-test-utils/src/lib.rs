@@ -83,16 +83,17 @@ pub fn guest_assets() -> &'static GuestAssets {
     })
 }
 
-/// A writable copy of the guest rootfs in `dir` with `script` written as `/guest.sh` (boot it
-/// with `-- sh /guest.sh` at the end of boot_args). Written with debugfs: no mounting, no root.
-pub fn rootfs_with_guest_script(dir: &Path, script: &str) -> PathBuf {
+/// A writable copy of the guest rootfs in `dir` with `contents` written at `/<name>` (a script
+/// there runs with `-- sh /<name>` at the end of boot_args). Written with debugfs: no mounting,
+/// no root.
+pub fn rootfs_with_file(dir: &Path, name: &str, contents: &str) -> PathBuf {
     let root = dir.join("root.ext4");
     std::fs::copy(&guest_assets().rootfs, &root).unwrap();
-    let file = dir.join("guest.sh");
-    std::fs::write(&file, script).unwrap();
+    let file = dir.join(name);
+    std::fs::write(&file, contents).unwrap();
     let o = Command::new("debugfs")
         .args(["-w", "-R"])
-        .arg(format!("write {} /guest.sh", file.display()))
+        .arg(format!("write {} /{name}", file.display()))
         .arg(&root)
         .output()
         .expect("running debugfs (e2fsprogs; scripts/install-deps installs it)");

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use kiln_test_utils::{guest_assets, rootfs_with_guest_script};
+use kiln_test_utils::{guest_assets, rootfs_with_file};
 
 const G2H: u64 = 1 << 20;
 const H2G: u64 = 2 << 20;
@@ -82,7 +82,7 @@ fn number(out: &str, prefix: &str) -> u64 {
 fn network_and_balloon_with_a_linux_guest_in_the_lab() {
     let assets = guest_assets();
     let dir = tempfile::tempdir().unwrap();
-    let root = rootfs_with_guest_script(dir.path(), &guest_script());
+    let root = rootfs_with_file(dir.path(), "guest.sh", &guest_script());
 
     let report = kiln_lab::Lab::new()
         .unwrap()

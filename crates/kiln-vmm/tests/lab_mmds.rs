@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use kiln_test_utils::{guest_assets, rootfs_with_guest_script};
+use kiln_test_utils::{guest_assets, rootfs_with_file};
 use serde_json::{json, Value};
 
 fn guest_script() -> String {
@@ -114,7 +114,7 @@ fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
 fn the_guest_reads_back_what_the_host_put_over_mmds_v2() {
     let assets = guest_assets();
     let dir = tempfile::tempdir().unwrap();
-    let root = rootfs_with_guest_script(dir.path(), &guest_script());
+    let root = rootfs_with_file(dir.path(), "guest.sh", &guest_script());
 
     let report = kiln_lab::Lab::new()
         .unwrap()
