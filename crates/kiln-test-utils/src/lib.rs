@@ -93,6 +93,24 @@ pub fn guest_assets() -> &'static GuestAssets {
     })
 }
 
+/// A writable copy of the guest rootfs in `dir` with `contents` written at `/<name>` (a script
+/// there runs with `-- sh /<name>` at the end of boot_args). Written with debugfs: no mounting,
+/// no root.
+pub fn rootfs_with_file(dir: &Path, name: &str, contents: &str) -> PathBuf {
+    let root = dir.join("root.ext4");
+    std::fs::copy(&guest_assets().rootfs, &root).unwrap();
+    let file = dir.join(name);
+    std::fs::write(&file, contents).unwrap();
+    let o = Command::new("debugfs")
+        .args(["-w", "-R"])
+        .arg(format!("write {} /{name}", file.display()))
+        .arg(&root)
+        .output()
+        .expect("running debugfs (e2fsprogs; scripts/install-deps installs it)");
+    assert!(o.status.success(), "debugfs: {}", String::from_utf8_lossy(&o.stderr));
+    root
+}
+
 /// Assembles `source` (GNU as syntax, x86_64) and links it at `link_address` into an ELF at `out`,
 /// with `_start` as the entry point. Used for small purpose-built guests that run on any KVM,
 /// including PVM hosts where stock Linux cannot boot.

@@ -26,6 +26,7 @@ impl VmmApi {
             Ok(ActionOutput::VmConfig(c)) => ApiResponse::ok(&*c),
             Ok(ActionOutput::Balloon(b)) => ApiResponse::ok(&b),
             Ok(ActionOutput::BalloonStats(b)) => ApiResponse::ok(&*b),
+            Ok(ActionOutput::Mmds(v)) => ApiResponse::ok(&v),
             Err(e) => ApiResponse::bad_request(e.to_string()),
         }
     }
@@ -62,6 +63,10 @@ impl ApiHandler for VmmApi {
             ApiRequest::GetBalloon => self.act(VmmAction::GetBalloon),
             ApiRequest::GetBalloonStats => self.act(VmmAction::GetBalloonStats),
             ApiRequest::PatchBalloonStats(u) => self.act(VmmAction::UpdateBalloonStats(u)),
+            ApiRequest::GetMmds => self.act(VmmAction::GetMmds),
+            ApiRequest::PutMmds(data) => self.act(VmmAction::PutMmds(data.into())),
+            ApiRequest::PatchMmds(patch) => self.act(VmmAction::PatchMmds(patch.into())),
+            ApiRequest::PutMmdsConfig(c) => self.act(VmmAction::SetMmdsConfig(c)),
             ApiRequest::PatchVm(vm) => self.act(match vm.state {
                 VmState::Paused => VmmAction::Pause,
                 VmState::Resumed => VmmAction::Resume,

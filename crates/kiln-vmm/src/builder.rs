@@ -142,6 +142,28 @@ pub fn open_backends(res: &VmResources) -> Result<Backends, StartMicrovmError> {
     Ok(Backends { drives, nets, vsock, balloon, rng })
 }
 
+/// Points the interfaces named in the MMDS configuration at `store` (and gives the store the
+/// configured version and format). Without an MMDS configuration nothing changes.
+pub fn attach_mmds(
+    backends: &mut Backends,
+    res: &VmResources,
+    store: &kiln_mmds::SharedMmds,
+) -> Result<(), StartMicrovmError> {
+    let Some(spec) = &res.mmds else { return Ok(()) };
+    {
+        let mut m = kiln_devices::bus::lock(store);
+        m.set_version(spec.version);
+        m.set_imds_compat(spec.imds_compat);
+    }
+    for net in backends.nets.iter_mut().filter(|n| spec.network_interfaces.iter().any(|id| id == n.id())) {
+        let stack = kiln_mmds::MmdsStack::new(spec.ipv4_address, store.clone());
+        net.attach_mmds(stack)
+            .map_err(|source| StartMicrovmError::Net { id: net.id().to_string(), source })?;
+        tracing::info!("net {}: MMDS answers at {}", net.id(), spec.ipv4_address);
+    }
+    Ok(())
+}
+
 /// Host-side choices that are not part of the VM's configuration.
 pub struct BuildOptions {
     /// Where the guest's serial console output goes.

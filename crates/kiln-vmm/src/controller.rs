@@ -9,9 +9,10 @@ use kiln_devices::bus::lock;
 use kiln_devices::legacy::boot_timer::StartTime;
 use kiln_fc_api::models::{
     Balloon, BalloonStats, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, EntropyDevice,
-    FullVmConfiguration, MachineConfiguration, MachineConfigurationUpdate, NetworkInterface, PartialDrive,
-    Vsock,
+    FullVmConfiguration, MachineConfiguration, MachineConfigurationUpdate, MmdsConfig, NetworkInterface,
+    PartialDrive, Vsock,
 };
+use kiln_mmds::{SharedMmds, StoreError};
 
 use crate::builder::{self, BuildOptions};
 use crate::exit_code;
@@ -37,6 +38,12 @@ pub enum VmmAction {
     GetBalloonStats,
     GetMachineConfig,
     GetVmConfig,
+    /// `PUT /mmds`: replace the data store.
+    PutMmds(serde_json::Value),
+    /// `PATCH /mmds`: merge into the data store.
+    PatchMmds(serde_json::Value),
+    GetMmds,
+    SetMmdsConfig(MmdsConfig),
     Start,
     Pause,
     Resume,
@@ -51,6 +58,7 @@ pub enum ActionOutput {
     VmConfig(Box<FullVmConfiguration>),
     Balloon(Balloon),
     BalloonStats(Box<BalloonStats>),
+    Mmds(serde_json::Value),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -90,6 +98,8 @@ pub struct ControllerOptions {
     pub allow_pvm: bool,
     /// Receives the process exit code when the started VM ends.
     pub exit_tx: mpsc::Sender<i32>,
+    /// The MMDS data store (with its size limit), shared with the VM's network devices.
+    pub mmds: SharedMmds,
 }
 
 /// A writer several owners can hold (the serial console's output survives a refused start).
@@ -116,6 +126,7 @@ pub struct Controller {
     config: Mutex<FullVmConfiguration>,
     state: Mutex<State>,
     opts: Mutex<Option<ControllerOptions>>,
+    mmds: SharedMmds,
 }
 
 impl Controller {
@@ -123,6 +134,7 @@ impl Controller {
         Self {
             config: Mutex::new(FullVmConfiguration::default()),
             state: Mutex::new(State::NotStarted),
+            mmds: opts.mmds.clone(),
             opts: Mutex::new(Some(opts)),
         }
     }
@@ -350,6 +362,20 @@ impl Controller {
                 cfg.machine_config.get_or_insert_with(default_machine_config);
                 return Ok(ActionOutput::VmConfig(Box::new(cfg)));
             }
+            VmmAction::PutMmds(data) => lock(&self.mmds).put(data).map_err(mmds_error)?,
+            VmmAction::PatchMmds(patch) => lock(&self.mmds).patch(&patch).map_err(mmds_error)?,
+            VmmAction::GetMmds => return Ok(ActionOutput::Mmds(lock(&self.mmds).document())),
+            VmmAction::SetMmdsConfig(mut c) => {
+                let mut cfg = self.pre_boot()?;
+                let spec = resources::validate_mmds_config(&c, &cfg.network_interfaces)
+                    .map_err(|e| ActionError::Invalid(e.to_string()))?;
+                let mut store = lock(&self.mmds);
+                store.set_version(spec.version);
+                store.set_imds_compat(spec.imds_compat);
+                // GET /vm/config shows the address in use, as Firecracker does.
+                c.ipv4_address = Some(spec.ipv4_address);
+                cfg.mmds_config = Some(c);
+            }
             VmmAction::Start => self.start()?,
             VmmAction::Pause => {
                 if !self.running()?.pause() {
@@ -375,7 +401,8 @@ impl Controller {
         let start_err = |e: &dyn std::error::Error| ActionError::Start(crate::error_chain(e));
         // Nothing below consumes the options until the VM is built, so a refused start leaves the
         // VMM serving and a corrected configuration can be started.
-        let backends = builder::open_backends(&res).map_err(|e| start_err(&e))?;
+        let mut backends = builder::open_backends(&res).map_err(|e| start_err(&e))?;
+        builder::attach_mmds(&mut backends, &res, &self.mmds).map_err(|e| start_err(&e))?;
         if kvm_host::host_is_pvm() && !opts.allow_pvm {
             return Err(ActionError::Start(kvm_host::PVM_EXPLANATION.into()));
         }
@@ -412,6 +439,10 @@ impl Controller {
         *opts_slot = None;
         Ok(())
     }
+}
+
+fn mmds_error(e: StoreError) -> ActionError {
+    ActionError::Invalid(e.to_string())
 }
 
 fn no_balloon() -> ActionError {

@@ -60,6 +60,12 @@ struct Args {
     /// Run even though /dev/kvm is PVM (only PVM-enabled guest kernels boot there).
     #[arg(long)]
     allow_pvm: bool,
+    /// Largest MMDS data store, in bytes of JSON (PUT/PATCH /mmds beyond it are refused).
+    #[arg(long, value_name = "BYTES", default_value_t = kiln_mmds::DEFAULT_SIZE_LIMIT)]
+    mmds_size_limit: usize,
+    /// JSON file to fill the MMDS data store with at start (as PUT /mmds would).
+    #[arg(long, value_name = "FILE")]
+    metadata: Option<PathBuf>,
 }
 
 /// An error to report and the exit code that goes with it.
@@ -184,12 +190,33 @@ fn open_serial_out(path: Option<&PathBuf>) -> Result<Box<dyn Write + Send>, Fail
     })
 }
 
+/// The MMDS store, filled from `--metadata` when given.
+fn mmds_store(args: &Args) -> Result<kiln_mmds::SharedMmds, Failure> {
+    let store = kiln_mmds::Mmds::shared(args.mmds_size_limit);
+    if let Some(path) = &args.metadata {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            fail(exit_code::BAD_CONFIGURATION, format!("cannot read metadata file {}: {e}", path.display()))
+        })?;
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            fail(
+                exit_code::BAD_CONFIGURATION,
+                format!("metadata file {} is not valid JSON: {e}", path.display()),
+            )
+        })?;
+        kiln_devices::bus::lock(&store).put(value).map_err(|e| {
+            fail(exit_code::BAD_CONFIGURATION, format!("metadata file {}: {e}", path.display()))
+        })?;
+    }
+    Ok(store)
+}
+
 /// Firecracker's default API socket path.
 const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
 
 /// Serves the Firecracker API until the VM it starts ends (or forever, if none is started).
 fn run_api(args: &Args, start: StartTime) -> Result<i32, Failure> {
     let cfg = args.config_file.as_deref().map(load_config).transpose()?;
+    let mmds = mmds_store(args)?;
     init_logging(args, None)?;
     let sock = args.api_sock.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCK));
     let server = kiln_fc_api::server::ApiServer::bind(&sock).map_err(|e| {
@@ -202,6 +229,7 @@ fn run_api(args: &Args, start: StartTime) -> Result<i32, Failure> {
         serial_in: !args.no_stdin,
         allow_pvm: args.allow_pvm,
         exit_tx,
+        mmds,
     }));
     let handle = server
         .spawn(std::sync::Arc::new(VmmApi { controller: controller.clone(), instance_id: args.id.clone() }))
@@ -261,7 +289,9 @@ fn run(start: StartTime) -> Result<i32, Failure> {
     init_logging(&args, res.logger.as_ref())?;
     tracing::debug!("kiln-vmm {} starting instance {}", env!("CARGO_PKG_VERSION"), args.id);
 
-    let backends = builder::open_backends(&res).map_err(|e| fail(start_error_code(&e), chain(&e)))?;
+    let mut backends = builder::open_backends(&res).map_err(|e| fail(start_error_code(&e), chain(&e)))?;
+    let mmds = mmds_store(&args)?;
+    builder::attach_mmds(&mut backends, &res, &mmds).map_err(|e| fail(start_error_code(&e), chain(&e)))?;
 
     if kvm_host::host_is_pvm() && !args.allow_pvm {
         return Err(fail(exit_code::KVM_UNAVAILABLE, kvm_host::PVM_EXPLANATION));

@@ -3,6 +3,7 @@
 //! accepts means the same VM here.
 
 use std::collections::HashSet;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use kiln_devices::virtio::block::CacheType;
@@ -51,6 +52,21 @@ pub enum ResourcesError {
     BalloonTooLarge { amount: u32, mem: u64 },
     #[error("{0} virtio devices were configured; at most {MAX_VIRTIO_DEVICES} fit")]
     TooManyDevices(usize),
+    #[error(
+        "mmds-config names no network interface: list the iface_id of at least one configured \
+         network interface in network_interfaces"
+    )]
+    MmdsNoInterfaces,
+    #[error(
+        "mmds-config names network interface '{0}', which is not configured: PUT \
+         /network-interfaces/{0} first (or fix the id)"
+    )]
+    MmdsUnknownInterface(String),
+    #[error(
+        "mmds-config ipv4_address {0} is not a usable link-local address: use one in \
+         169.254.1.0-169.254.254.255 (the default is 169.254.169.254)"
+    )]
+    MmdsAddress(Ipv4Addr),
 }
 
 /// One block device.
@@ -86,6 +102,16 @@ pub struct BalloonSpec {
     pub amount_mib: u32,
     pub deflate_on_oom: bool,
     pub stats_polling_interval_s: u16,
+}
+
+/// MMDS: which interfaces answer at which address, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MmdsSpec {
+    pub version: kiln_mmds::MmdsVersion,
+    pub ipv4_address: Ipv4Addr,
+    /// iface_ids whose guest frames for `ipv4_address` go to MMDS.
+    pub network_interfaces: Vec<String>,
+    pub imds_compat: bool,
 }
 
 /// Where the guest's serial console goes.
@@ -125,6 +151,7 @@ pub struct VmResources {
     pub balloon: Option<BalloonSpec>,
     pub serial: SerialOutput,
     pub logger: Option<LoggerConfig>,
+    pub mmds: Option<MmdsSpec>,
 }
 
 fn unsupported(what: &str) -> ResourcesError {
@@ -199,6 +226,37 @@ pub fn validate_net(n: &models::NetworkInterface) -> Result<NetConfig, Resources
     Ok(NetConfig { id: n.iface_id.clone(), tap: n.host_dev_name.clone(), guest_mac, mtu: n.mtu })
 }
 
+/// Checks an MMDS configuration (also applied at `PUT /mmds/config`) against the network
+/// interfaces configured so far; fills in the default address.
+pub fn validate_mmds_config(
+    c: &models::MmdsConfig,
+    interfaces: &[models::NetworkInterface],
+) -> Result<MmdsSpec, ResourcesError> {
+    if c.network_interfaces.is_empty() {
+        return Err(ResourcesError::MmdsNoInterfaces);
+    }
+    if let Some(missing) =
+        c.network_interfaces.iter().find(|id| !interfaces.iter().any(|n| &n.iface_id == *id))
+    {
+        return Err(ResourcesError::MmdsUnknownInterface(missing.clone()));
+    }
+    let ip = c.ipv4_address.unwrap_or(models::MmdsConfig::DEFAULT_IPV4_ADDRESS);
+    // The swagger's pattern: 169.254.([1-9]|...|25[0-4]).(0-255).
+    let [a, b, third, _] = ip.octets();
+    if (a, b) != (169, 254) || third == 0 || third == 255 {
+        return Err(ResourcesError::MmdsAddress(ip));
+    }
+    Ok(MmdsSpec {
+        version: match c.version {
+            models::MmdsVersion::V1 => kiln_mmds::MmdsVersion::V1,
+            models::MmdsVersion::V2 => kiln_mmds::MmdsVersion::V2,
+        },
+        ipv4_address: ip,
+        network_interfaces: c.network_interfaces.clone(),
+        imds_compat: c.imds_compat,
+    })
+}
+
 /// Checks the vsock device (also applied at `PUT /vsock`).
 pub fn validate_vsock(v: &models::Vsock) -> Result<VsockSpec, ResourcesError> {
     if v.guest_cid < 3 || v.guest_cid == u32::MAX {
@@ -255,7 +313,6 @@ impl VmResources {
         };
 
         for (present, what) in [
-            (cfg.mmds_config.is_some(), "mmds-config"),
             (!cfg.pmem.is_empty(), "pmem"),
             (cfg.memory_hotplug.is_some(), "memory-hotplug"),
             (cfg.cpu_config.is_some(), "cpu-config"),
@@ -314,6 +371,8 @@ impl VmResources {
             }
             nets.push(net);
         }
+        let mmds =
+            cfg.mmds_config.as_ref().map(|m| validate_mmds_config(m, &cfg.network_interfaces)).transpose()?;
         let vsock = cfg.vsock.as_ref().map(validate_vsock).transpose()?;
         let balloon = cfg.balloon.as_ref().map(|b| validate_balloon(b, mem_size_mib)).transpose()?;
         let devices = drives.len()
@@ -348,6 +407,7 @@ impl VmResources {
             balloon,
             serial: SerialOutput::Stdout,
             logger,
+            mmds,
         })
     }
 
@@ -479,11 +539,53 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_sections_are_named() {
+    fn mmds_config_is_checked_against_the_interfaces() {
+        const NET: &str = r#""network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}]"#;
+        let j = format!(r#"{{{BASE}, {NET}, "mmds-config": {{"network_interfaces": ["eth0"]}}}}"#);
+        let m = VmResources::from_config(&cfg(&j), None).unwrap().mmds.unwrap();
+        assert_eq!(m.ipv4_address, Ipv4Addr::new(169, 254, 169, 254));
+        assert_eq!((m.version, m.imds_compat), (kiln_mmds::MmdsVersion::V1, false));
+        let j = format!(
+            r#"{{{BASE}, {NET}, "mmds-config": {{"network_interfaces": ["eth0"], "version": "V2",
+                 "ipv4_address": "169.254.170.2", "imds_compat": true}}}}"#
+        );
+        let m = VmResources::from_config(&cfg(&j), None).unwrap().mmds.unwrap();
+        assert_eq!((m.version, m.imds_compat), (kiln_mmds::MmdsVersion::V2, true));
+        assert_eq!(m.ipv4_address, Ipv4Addr::new(169, 254, 170, 2));
+        for (mmds, err) in [
+            (r#"{"network_interfaces": []}"#, ResourcesError::MmdsNoInterfaces),
+            (r#"{"network_interfaces": ["eth1"]}"#, ResourcesError::MmdsUnknownInterface("eth1".into())),
+            (
+                r#"{"network_interfaces": ["eth0"], "ipv4_address": "10.0.0.1"}"#,
+                ResourcesError::MmdsAddress(Ipv4Addr::new(10, 0, 0, 1)),
+            ),
+            (
+                r#"{"network_interfaces": ["eth0"], "ipv4_address": "169.254.0.7"}"#,
+                ResourcesError::MmdsAddress(Ipv4Addr::new(169, 254, 0, 7)),
+            ),
+            (
+                r#"{"network_interfaces": ["eth0"], "ipv4_address": "169.254.255.1"}"#,
+                ResourcesError::MmdsAddress(Ipv4Addr::new(169, 254, 255, 1)),
+            ),
+        ] {
+            let j = format!(r#"{{{BASE}, {NET}, "mmds-config": {mmds}}}"#);
+            let e = VmResources::from_config(&cfg(&j), None).unwrap_err();
+            assert_eq!(e, err, "{mmds}");
+        }
+        // Without any interface configured.
         let j = format!(r#"{{{BASE}, "mmds-config": {{"network_interfaces": ["eth0"]}}}}"#);
+        assert!(VmResources::from_config(&cfg(&j), None)
+            .unwrap_err()
+            .to_string()
+            .contains("PUT /network-interfaces/eth0"));
+    }
+
+    #[test]
+    fn unsupported_sections_are_named() {
+        let j = format!(r#"{{{BASE}, "pmem": [{{"id": "p", "path_on_host": "/p"}}]}}"#);
         assert_eq!(
             VmResources::from_config(&cfg(&j), None),
-            Err(ResourcesError::Unsupported { what: "mmds-config".into() })
+            Err(ResourcesError::Unsupported { what: "pmem".into() })
         );
         let j = format!(
             r#"{{{BASE}, "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:AC:10:00:02"}}],

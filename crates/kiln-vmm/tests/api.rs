@@ -123,9 +123,10 @@ fn configure_start_and_read_the_console_like_the_getting_started_guide() {
     assert_eq!(cfg["boot-source"]["boot_args"], "kiln-api-test");
     assert!(cfg["entropy"].is_object(), "{body}");
     // Documented but not yet served: a 400 naming it, never a 404 or a hang.
-    let (code, body) = curl(s, "PUT", "/mmds/config", Some(r#"{"network_interfaces": ["eth0"]}"#));
+    let (code, body) =
+        curl(s, "PUT", "/snapshot/create", Some(r#"{"mem_file_path": "/m", "snapshot_path": "/s"}"#));
     assert_eq!(code, 400, "{body}");
-    assert!(body.contains("/mmds/config"), "{body}");
+    assert!(body.contains("/snapshot/create"), "{body}");
 
     assert_eq!(curl(s, "PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#)).0, 204);
     // The guest runs its checks and resets: the VMM exits 0, like Firecracker on a guest reboot.

@@ -432,9 +432,15 @@ fn drain(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
 
 impl Vmm {
     fn spawn(dir: &Path) -> Self {
+        Self::spawn_with(dir, &[])
+    }
+
+    fn spawn_with(dir: &Path, extra: &[&str]) -> Self {
         let sock = dir.join("api.sock");
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiln-vmm"))
-            .args(["--no-stdin", "--allow-pvm", "--id", "conformance", "--api-sock"])
+            .args(["--no-stdin", "--allow-pvm", "--id", "conformance"])
+            .args(extra)
+            .arg("--api-sock")
             .arg(&sock)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -1007,6 +1013,132 @@ fn every_documented_operation_answers_a_documented_status_before_boot() {
     vmm.assert_healthy("the pre-boot sweep");
 }
 
+/// `PUT`/`PATCH`/`GET /mmds` and `PUT /mmds/config` before boot, as Firecracker answers them.
+#[test]
+fn mmds_data_and_config_before_boot() {
+    let spec = Spec::load();
+    let fx = Fixture::new();
+    let mut vmm = Vmm::spawn(fx.dir.path());
+    let mut c = Checker::new(&spec, &vmm);
+    let doc = |r: &Resp| serde_json::from_slice::<Value>(&r.body).unwrap_or_default();
+
+    // Nothing stored yet: Firecracker answers `{}`, and a PATCH has nothing to merge into.
+    assert_eq!(doc(&c.expect("GET", "/mmds", None, 200)), json!({}));
+    let r = c.expect("PATCH", "/mmds", Some(r#"{"a": "b"}"#), 400);
+    assert!(r.text().contains("not initialized"), "{}", r.text());
+
+    let data = json!({"latest": {"meta-data": {"ami-id": "ami-1", "reservation-id": "r-1"}}, "n": [1, 2]});
+    c.expect("PUT", "/mmds", Some(&data.to_string()), 204);
+    assert_eq!(doc(&c.expect("GET", "/mmds", None, 200)), data);
+    // RFC 7396: null removes, objects merge, everything else replaces.
+    let patch = json!({"latest": {"meta-data": {"ami-id": "ami-2", "reservation-id": null}}, "n": "x"});
+    c.expect("PATCH", "/mmds", Some(&patch.to_string()), 204);
+    assert_eq!(
+        doc(&c.expect("GET", "/mmds", None, 200)),
+        json!({"latest": {"meta-data": {"ami-id": "ami-2"}}, "n": "x"})
+    );
+    c.expect("PUT", "/mmds", Some(r#"{"only": "this"}"#), 204);
+    assert_eq!(doc(&c.expect("GET", "/mmds", None, 200)), json!({"only": "this"}));
+    for bad in ["[1]", "\"text\"", "{\"a\": ", ""] {
+        c.expect("PUT", "/mmds", Some(bad), 400);
+    }
+
+    // The store is limited (51200 bytes by default): PATCHes that grow it past that are refused
+    // whole, with a message saying how to raise the limit.
+    let half = "x".repeat(30_000);
+    c.expect("PUT", "/mmds", Some(&json!({"a": half}).to_string()), 204);
+    let r = c.expect("PATCH", "/mmds", Some(&json!({"b": half}).to_string()), 400);
+    assert!(r.text().contains("--mmds-size-limit"), "{}", r.text());
+    assert_eq!(
+        doc(&c.expect("GET", "/mmds", None, 200)),
+        json!({"a": half}),
+        "a refused PATCH changes nothing"
+    );
+
+    // The configuration names interfaces that exist, and a link-local address.
+    let r = c.expect("PUT", "/mmds/config", Some(r#"{"network_interfaces": ["eth0"]}"#), 400);
+    assert!(r.text().contains("/network-interfaces/eth0"), "{}", r.text());
+    c.expect(
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id": "eth0", "host_dev_name": "kilntap0"}"#),
+        204,
+    );
+    for (body, needle) in [
+        (r#"{"network_interfaces": []}"#, "at least one"),
+        (r#"{"network_interfaces": ["eth0", "eth1"]}"#, "eth1"),
+        (r#"{"network_interfaces": ["eth0"], "ipv4_address": "10.0.0.1"}"#, "link-local"),
+        (r#"{"network_interfaces": ["eth0"], "ipv4_address": "169.254.0.1"}"#, "link-local"),
+        (r#"{"network_interfaces": ["eth0"], "ipv4_address": "not an address"}"#, "IPv4 address"),
+        (r#"{"network_interfaces": ["eth0"], "version": "V3"}"#, "V3"),
+        (r#"{"version": "V2"}"#, "network_interfaces"),
+    ] {
+        let r = c.expect("PUT", "/mmds/config", Some(body), 400);
+        assert!(r.text().contains(needle), "{body}: {}", r.text());
+    }
+    let r = c.expect("GET", "/vm/config", None, 200);
+    assert!(doc(&r).get("mmds-config").is_none(), "refused configurations are not kept: {}", r.text());
+    c.expect("PUT", "/mmds/config", Some(r#"{"network_interfaces": ["eth0"], "version": "V2"}"#), 204);
+    let cfg = doc(&c.expect("GET", "/vm/config", None, 200));
+    assert_eq!(
+        cfg["mmds-config"],
+        json!({"version": "V2", "network_interfaces": ["eth0"], "ipv4_address": "169.254.169.254"}),
+        "{cfg}"
+    );
+    c.expect(
+        "PUT",
+        "/mmds/config",
+        Some(r#"{"network_interfaces": ["eth0"], "ipv4_address": "169.254.170.2", "imds_compat": true}"#),
+        204,
+    );
+    let cfg = doc(&c.expect("GET", "/vm/config", None, 200));
+    assert_eq!(
+        cfg["mmds-config"],
+        json!({"version": "V1", "network_interfaces": ["eth0"], "ipv4_address": "169.254.170.2", "imds_compat": true}),
+        "{cfg}"
+    );
+    c.finish(&vmm);
+    vmm.assert_healthy("the MMDS requests");
+}
+
+/// `--metadata FILE` fills the store at start; `--mmds-size-limit` bounds it.
+#[test]
+fn mmds_metadata_file_and_size_limit_flags() {
+    let spec = Spec::load();
+    let fx = Fixture::new();
+    let meta = fx.dir.path().join("meta.json");
+    std::fs::write(&meta, r#"{"latest": {"meta-data": {"instance-id": "i-from-file"}}}"#).unwrap();
+    let meta_arg = meta.display().to_string();
+    let mut vmm = Vmm::spawn_with(fx.dir.path(), &["--mmds-size-limit", "100", "--metadata", &meta_arg]);
+    let mut c = Checker::new(&spec, &vmm);
+    let r = c.expect("GET", "/mmds", None, 200);
+    assert_eq!(r.text(), r#"{"latest":{"meta-data":{"instance-id":"i-from-file"}}}"#);
+    let r = c.expect("PUT", "/mmds", Some(&json!({"k": "v".repeat(100)}).to_string()), 400);
+    assert!(r.text().contains("limit of 100 bytes"), "{}", r.text());
+    c.expect("PUT", "/mmds", Some(r#"{"k": "small"}"#), 204);
+    c.finish(&vmm);
+    vmm.assert_healthy("the size limit");
+    drop(vmm);
+
+    // A metadata file that is not JSON, or too big, stops kiln-vmm at once with exit code 152.
+    std::fs::write(&meta, "{not json").unwrap();
+    let big = fx.dir.path().join("big.json");
+    std::fs::write(&big, json!({"k": "v".repeat(200)}).to_string()).unwrap();
+    for (file, needle) in [(&meta, "not valid JSON"), (&big, "--mmds-size-limit")] {
+        let o = Command::new(env!("CARGO_BIN_EXE_kiln-vmm"))
+            .args(["--no-stdin", "--mmds-size-limit", "100", "--metadata"])
+            .arg(file)
+            .arg("--api-sock")
+            .arg(fx.dir.path().join("other.sock"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(152), "{stderr}");
+        assert!(stderr.contains(needle), "{stderr}");
+    }
+}
+
 #[test]
 fn post_boot_responses_match_the_swagger() {
     require_kvm!();
@@ -1076,6 +1208,13 @@ fn post_boot_responses_match_the_swagger() {
             assert!(r.text().contains("after starting"), "{}", r.text());
         }
     }
+    // MMDS: the configuration is pre-boot only, the data can change at any time.
+    let r = c.expect("PUT", "/mmds/config", Some(r#"{"network_interfaces": ["eth0"]}"#), 400);
+    assert!(r.text().contains("after starting"), "{}", r.text());
+    c.expect("PUT", "/mmds", Some(r#"{"latest": {"k": "running"}}"#), 204);
+    c.expect("PATCH", "/mmds", Some(r#"{"latest": {"k2": "patched"}}"#), 204);
+    let r = c.expect("GET", "/mmds", None, 200);
+    assert_eq!(r.text(), r#"{"latest":{"k":"running","k2":"patched"}}"#);
     // Unsupported and unknown paths.
     c.expect("GET", "/nonexistent", None, 400);
     c.expect("PUT", "/vsock", Some(&json!({"guest_cid": 3, "uds_path": fx.p("v.sock")}).to_string()), 400);

@@ -5,10 +5,9 @@
 //! exits 0.
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
 use std::time::Duration;
 
-use kiln_test_utils::guest_assets;
+use kiln_test_utils::{guest_assets, rootfs_with_file};
 
 /// Runs in the guest (injected into its root image): a tick counter with the first bytes and size of
 /// the data drive, read past the page cache.
@@ -69,17 +68,7 @@ fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
 fn api_drives_a_linux_guest_in_the_lab() {
     let assets = guest_assets();
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root.ext4");
-    std::fs::copy(&assets.rootfs, &root).unwrap();
-    let script = dir.path().join("guest-loop.sh");
-    std::fs::write(&script, GUEST_LOOP).unwrap();
-    let o = Command::new("debugfs")
-        .args(["-w", "-R"])
-        .arg(format!("write {} /guest-loop.sh", script.display()))
-        .arg(&root)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let root = rootfs_with_file(dir.path(), "guest-loop.sh", GUEST_LOOP);
     let data1 = dir.path().join("data1.img");
     let data2 = dir.path().join("data2.img");
     let mut one = b"CONTENT-ONE".to_vec();

@@ -5,10 +5,9 @@
 //! balloon statistics. The guest then stops when told over the network, and kiln-vmm exits 0.
 #![allow(clippy::unwrap_used)]
 
-use std::process::Command;
 use std::time::Duration;
 
-use kiln_test_utils::guest_assets;
+use kiln_test_utils::{guest_assets, rootfs_with_file};
 
 const G2H: u64 = 1 << 20;
 const H2G: u64 = 2 << 20;
@@ -83,17 +82,7 @@ fn number(out: &str, prefix: &str) -> u64 {
 fn network_and_balloon_with_a_linux_guest_in_the_lab() {
     let assets = guest_assets();
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root.ext4");
-    std::fs::copy(&assets.rootfs, &root).unwrap();
-    let script = dir.path().join("guest.sh");
-    std::fs::write(&script, guest_script()).unwrap();
-    let o = Command::new("debugfs")
-        .args(["-w", "-R"])
-        .arg(format!("write {} /guest.sh", script.display()))
-        .arg(&root)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let root = rootfs_with_file(dir.path(), "guest.sh", &guest_script());
 
     let report = kiln_lab::Lab::new()
         .unwrap()

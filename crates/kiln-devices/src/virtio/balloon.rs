@@ -201,7 +201,7 @@ fn errno_to_io(e: vmm_sys_util::errno::Error) -> io::Error {
 
 /// A timerfd whose reads never block (the event loop calls us only when it is readable, but a
 /// spurious wakeup must not stall the VMM thread).
-fn nonblocking_timer() -> io::Result<TimerFd> {
+pub(crate) fn nonblocking_timer() -> io::Result<TimerFd> {
     let timer = TimerFd::new().map_err(errno_to_io)?;
     let fd = timer.as_raw_fd();
     // SAFETY: fcntl(F_GETFL) on a descriptor we own; no memory is passed.

@@ -21,6 +21,12 @@
 //! - Interrupts: each pass completes everything it can and signals at most once per queue,
 //!   subject to `needs_notification` (VIRTIO_RING_F_EVENT_IDX is offered).
 //!
+//! - MMDS: with [`Net::attach_mmds`], guest frames for the MMDS address (ARP who-has it, IPv4
+//!   to it) are copied out of the tx chain and handed to a [`kiln_mmds::MmdsStack`] instead of
+//!   the tap; the frames it answers with go into the rx queue ahead of tap frames, pulled one
+//!   per free rx buffer. Its retransmission timer is a timerfd listed with [`MMDS_TIMER_TOKEN`].
+//!   Other frames take the usual zero-copy path.
+//!
 //! Everything the guest controls is checked; nothing here panics on guest or tap input.
 //!
 //! Wiring in the VMM: `Net::new(cfg)?`, keep `net.metrics_handle()` for the metrics endpoint,
@@ -38,14 +44,17 @@ mod tests;
 use std::io;
 use std::num::Wrapping;
 use std::ops::Range;
-use std::os::unix::io::RawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use kiln_mmds::MmdsStack;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::volatile_memory::PtrGuard;
 use vm_memory::{Bytes, GuestMemoryBackend};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::queue_util::{drain_queue, Chain, QueueError};
 use super::{device_type, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
@@ -61,6 +70,8 @@ pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 /// The token the tap fd is listed with in [`VirtioDevice::host_fds`].
 pub const TAP_TOKEN: u32 = 0;
+/// The token of the MMDS stack's retransmission timer in [`VirtioDevice::host_fds`].
+pub const MMDS_TIMER_TOKEN: u32 = 1;
 /// `struct virtio_net_hdr_v1`: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
 /// num_buffers.
 pub const VNET_HDR_LEN: usize = 12;
@@ -158,6 +169,8 @@ pub enum NetError {
     InvalidMac { text: String, why: &'static str },
     #[error("MTU {0} is out of range ({MIN_MTU}..=65535)")]
     InvalidMtu(u16),
+    #[error("cannot create the MMDS retransmission timer")]
+    MmdsTimer(#[source] io::Error),
 }
 
 /// Parses a MAC address written as six two-digit hex bytes separated by `:` (or `-`), such as
@@ -271,6 +284,77 @@ struct RxState {
     parts: Vec<(u16, Range<usize>, usize)>,
 }
 
+/// The MMDS path of an interface: the stack, its timer and a frame copy buffer.
+struct MmdsPath {
+    stack: MmdsStack,
+    timer: TimerFd,
+    /// One guest frame (vnet header included) copied out of a tx chain.
+    frame: Vec<u8>,
+    /// Scratch: the descriptors of the tx chain being looked at.
+    descs: Vec<Descriptor>,
+}
+
+impl MmdsPath {
+    /// Arms the timer for the stack's next deadline (or disarms it). Setting a timerfd also
+    /// clears its expirations, so it stops being readable.
+    fn rearm(&mut self) {
+        let result = match self.stack.next_deadline() {
+            Some(at) => {
+                let wait = at.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                self.timer.reset(wait, None)
+            }
+            None => self.timer.clear(),
+        };
+        if let Err(e) = result {
+            tracing::warn!("net: cannot set the MMDS timer: {e}");
+        }
+    }
+
+    /// Sends one tx chain: to the MMDS stack if it is for MMDS, to the tap otherwise.
+    fn transmit(&mut self, tap: &Tap, metrics: &NetMetrics, mem: &GuestMemory, chain: Chain<'_>) {
+        self.descs.clear();
+        self.descs.extend(chain);
+        let mut prefix = [0u8; VNET_HDR_LEN + MmdsStack::CLASSIFY_PREFIX];
+        let seen = gather(mem, &self.descs, &mut prefix);
+        let for_mmds = seen > VNET_HDR_LEN && self.stack.is_for_mmds(&prefix[VNET_HDR_LEN..seen]);
+        if !for_mmds {
+            transmit_descs(tap, metrics, mem, &self.descs);
+            return;
+        }
+        let total = self.descs.iter().map(|d| d.len() as usize).fold(0usize, usize::saturating_add);
+        if total > VNET_HDR_LEN + MAX_FRAME_LEN || self.descs.iter().any(|d| d.is_write_only()) {
+            tracing::debug!("net: invalid tx chain for MMDS");
+            inc(&metrics.tx_dropped, 1);
+            inc(&metrics.tx_invalid_chains, 1);
+            return;
+        }
+        self.frame.resize(total, 0);
+        if gather(mem, &self.descs, &mut self.frame) != total {
+            inc(&metrics.tx_dropped, 1);
+            inc(&metrics.tx_invalid_chains, 1);
+            return;
+        }
+        self.stack.handle_frame(&self.frame[VNET_HDR_LEN..], Instant::now());
+    }
+}
+
+/// Copies the start of a chain's buffers into `out`; returns how many bytes it got (fewer
+/// when the chain is shorter or leaves guest memory).
+fn gather(mem: &GuestMemory, descs: &[Descriptor], out: &mut [u8]) -> usize {
+    let mut at = 0usize;
+    for d in descs {
+        if at == out.len() {
+            break;
+        }
+        let n = (d.len() as usize).min(out.len() - at);
+        if mem.read_slice(&mut out[at..at + n], d.addr()).is_err() {
+            break;
+        }
+        at += n;
+    }
+    at
+}
+
 /// A virtio-net device.
 pub struct Net {
     id: String,
@@ -285,6 +369,7 @@ pub struct Net {
     broken: bool,
     rx: RxState,
     metrics: Arc<NetMetrics>,
+    mmds: Option<MmdsPath>,
 }
 
 impl std::fmt::Debug for Net {
@@ -296,6 +381,7 @@ impl std::fmt::Debug for Net {
             .field("mtu", &self.mtu)
             .field("activated", &self.active.is_some())
             .field("broken", &self.broken)
+            .field("mmds", &self.mmds.as_ref().map(|m| m.stack.ipv4_address()))
             .finish()
     }
 }
@@ -391,7 +477,20 @@ impl Net {
                 parts: Vec::new(),
             },
             metrics: Arc::new(NetMetrics::default()),
+            mmds: None,
         }
+    }
+
+    /// Routes this interface's frames for the MMDS address to `stack` instead of the tap.
+    pub fn attach_mmds(&mut self, stack: MmdsStack) -> Result<(), NetError> {
+        let timer = super::balloon::nonblocking_timer().map_err(NetError::MmdsTimer)?;
+        self.mmds = Some(MmdsPath { stack, timer, frame: Vec::new(), descs: Vec::new() });
+        Ok(())
+    }
+
+    /// The MMDS address this interface answers, if MMDS is attached.
+    pub fn mmds_address(&self) -> Option<std::net::Ipv4Addr> {
+        self.mmds.as_ref().map(|m| m.stack.ipv4_address())
     }
 
     /// A device on a stand-in for a tap (any non-blocking packet fd), for unit tests.
@@ -466,19 +565,36 @@ impl Net {
     fn process_tx(&mut self) {
         let Some(active) = self.active.as_mut() else { return };
         let (tap, metrics) = (&self.tap, &*self.metrics);
+        let mut mmds = self.mmds.as_mut();
         let result = drain_queue(&mut active.tx, &active.mem, &active.interrupt, |mem, chain| {
-            transmit(tap, metrics, mem, chain);
+            match mmds.as_deref_mut() {
+                Some(m) => m.transmit(tap, metrics, mem, chain),
+                None => transmit(tap, metrics, mem, chain),
+            }
             0
         });
         if let Err(e) = result {
             tracing::error!("net {}: tx queue broken: {e}", self.id);
             self.broken = true;
+            return;
+        }
+        // MMDS may have answers for the guest now.
+        if self.mmds.as_ref().is_some_and(|m| m.stack.has_frames()) {
+            self.process_rx();
+        }
+        self.rearm_mmds();
+    }
+
+    fn rearm_mmds(&mut self) {
+        if let Some(m) = self.mmds.as_mut() {
+            m.rearm();
         }
     }
 
     fn process_rx(&mut self) {
         let Some(active) = self.active.as_mut() else { return };
-        match receive(&self.tap, &mut self.rx, &self.metrics, active) {
+        let stack = self.mmds.as_mut().map(|m| &mut m.stack);
+        match receive(&self.tap, stack, &mut self.rx, &self.metrics, active) {
             Ok(delivered) => {
                 if delivered > 0 {
                     match active.rx.needs_notification(&active.mem) {
@@ -505,8 +621,22 @@ impl Net {
 
 /// Writes one tx chain to the tap, straight from guest memory, counting the outcome.
 fn transmit(tap: &Tap, metrics: &NetMetrics, mem: &GuestMemory, chain: Chain<'_>) {
+    write_to_tap(tap, metrics, mem, chain);
+}
+
+/// [`transmit`] for a chain whose descriptors were already collected.
+fn transmit_descs(tap: &Tap, metrics: &NetMetrics, mem: &GuestMemory, descs: &[Descriptor]) {
+    write_to_tap(tap, metrics, mem, descs.iter().copied());
+}
+
+fn write_to_tap(
+    tap: &Tap,
+    metrics: &NetMetrics,
+    mem: &GuestMemory,
+    descs: impl IntoIterator<Item = Descriptor>,
+) {
     let mut pieces = Vec::with_capacity(4);
-    match tx_pieces(mem, chain, &mut pieces) {
+    match tx_pieces(mem, descs, &mut pieces) {
         Ok(len) => match tap.write_pieces(&pieces, len) {
             Ok(()) => {
                 inc(&metrics.tx_packets, 1);
@@ -529,9 +659,13 @@ fn transmit(tap: &Tap, metrics: &NetMetrics, mem: &GuestMemory, chain: Chain<'_>
 /// Checks a tx chain (vnet header + frame: device-readable, inside guest memory, at most
 /// [`MAX_FRAME_LEN`] after the header) and collects the host mappings of its buffers. Returns
 /// the total length.
-fn tx_pieces(mem: &GuestMemory, chain: Chain<'_>, pieces: &mut Vec<PtrGuard>) -> Result<usize, &'static str> {
+fn tx_pieces(
+    mem: &GuestMemory,
+    descs: impl IntoIterator<Item = Descriptor>,
+    pieces: &mut Vec<PtrGuard>,
+) -> Result<usize, &'static str> {
     let mut total = 0usize;
-    for d in chain {
+    for d in descs {
         if d.is_write_only() {
             return Err("device-writable descriptor");
         }
@@ -635,6 +769,7 @@ enum Delivery {
 /// Returns how many frames were delivered.
 fn receive(
     tap: &Tap,
+    mut mmds: Option<&mut MmdsStack>,
     rx: &mut RxState,
     metrics: &NetMetrics,
     active: &mut Active,
@@ -644,9 +779,19 @@ fn receive(
     active.rx.disable_notification(&active.mem).map_err(QueueError::Queue)?;
     let mut delivered = 0usize;
     loop {
-        let len = match rx.pending.take() {
-            Some(len) => len,
-            None => match tap.read_frame(&mut rx.buf) {
+        // MMDS answers go first; they are built only now that a buffer may take them.
+        let mmds_frame = match (rx.pending, mmds.as_deref_mut()) {
+            (None, Some(stack)) => stack.next_frame(&mut rx.buf[VNET_HDR_LEN..], Instant::now()),
+            _ => None,
+        };
+        let len = match (rx.pending.take(), mmds_frame) {
+            (Some(len), _) => len,
+            (None, Some(n)) => {
+                // No offloads: checksums are complete, no GSO.
+                rx.buf[..VNET_HDR_LEN].fill(0);
+                VNET_HDR_LEN + n
+            }
+            (None, None) => match tap.read_frame(&mut rx.buf) {
                 Ok(Some(len)) => len,
                 Ok(None) => break,
                 Err(e) => {
@@ -818,6 +963,7 @@ impl VirtioDevice for Net {
                 // New buffers: deliver what waits and watch the tap again.
                 self.rx.waiting = false;
                 self.process_rx();
+                self.rearm_mmds();
             }
             TX_QUEUE => self.process_tx(),
             _ => {}
@@ -849,16 +995,39 @@ impl VirtioDevice for Net {
     }
 
     fn host_fds(&self) -> Vec<(RawFd, u32)> {
-        if self.active.is_some() && !self.broken && !self.rx.waiting {
-            vec![(self.tap.raw_fd(), TAP_TOKEN)]
-        } else {
-            Vec::new()
+        let mut fds = Vec::new();
+        if self.active.is_none() || self.broken {
+            return fds;
         }
+        if !self.rx.waiting {
+            fds.push((self.tap.raw_fd(), TAP_TOKEN));
+        }
+        if let Some(m) = &self.mmds {
+            fds.push((m.timer.as_raw_fd(), MMDS_TIMER_TOKEN));
+        }
+        fds
     }
 
     fn process_host_event(&mut self, token: u32) {
-        if token == TAP_TOKEN && !self.broken && !self.rx.waiting {
-            self.process_rx();
+        if self.broken {
+            return;
         }
+        match token {
+            TAP_TOKEN if !self.rx.waiting => self.process_rx(),
+            MMDS_TIMER_TOKEN => {
+                if let Some(m) = self.mmds.as_mut() {
+                    // Consume the expiration so the (level-triggered) fd stops being readable.
+                    match m.timer.wait() {
+                        Ok(_) => {}
+                        Err(e) if e.errno() == libc::EAGAIN => {}
+                        Err(e) => tracing::warn!("net {}: reading the MMDS timer failed: {e}", self.id),
+                    }
+                    m.stack.poll_timers(Instant::now());
+                }
+                self.process_rx();
+            }
+            _ => {}
+        }
+        self.rearm_mmds();
     }
 }

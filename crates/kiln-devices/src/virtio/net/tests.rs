@@ -11,6 +11,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::interrupt::CountingIrq;
+use kiln_mmds::MmdsStack;
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
@@ -949,4 +950,95 @@ mod real_tap {
             assert_eq!(m.rx_dropped, 0, "{m:?}");
         });
     }
+}
+
+const MMDS_IP: [u8; 4] = [169, 254, 169, 254];
+const GUEST_IP: [u8; 4] = [169, 254, 0, 2];
+
+fn arp_who_has(target: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&MAC);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&MAC);
+    f.extend_from_slice(&GUEST_IP);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target);
+    f
+}
+
+fn tcp_syn(dst: [u8; 4], port: u16) -> Vec<u8> {
+    let mut f = kiln_mmds::MMDS_MAC.to_vec();
+    f.extend_from_slice(&MAC);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0]);
+    f.extend_from_slice(&GUEST_IP);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&40_000u16.to_be_bytes());
+    f.extend_from_slice(&port.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    f
+}
+
+#[test]
+fn mmds_frames_are_answered_in_the_device_and_never_reach_the_tap() {
+    let mut h = harness_with(plain(), 16);
+    let store = kiln_mmds::Mmds::shared(kiln_mmds::DEFAULT_SIZE_LIMIT);
+    store.lock().unwrap().put(serde_json::json!({"k": "v"})).unwrap();
+    h.net.attach_mmds(MmdsStack::new(MMDS_IP.into(), store)).unwrap();
+    assert_eq!(h.net.mmds_address(), Some(MMDS_IP.into()));
+    assert!(h.net.host_fds().iter().any(|&(_, t)| t == MMDS_TIMER_TOKEN));
+    for i in 0..4 {
+        h.rx.add_chain(&h.mem, &[(DATA + 0x8000 + i * 0x1000, 1526, F_WRITE)]);
+    }
+
+    // ARP who-has the MMDS address, header and frame in separate descriptors: answered.
+    h.mem.write_slice(&vnet_hdr(0), GuestAddress(DATA)).unwrap();
+    let arp = arp_who_has(MMDS_IP);
+    h.mem.write_slice(&arp, GuestAddress(DATA + 0x100)).unwrap();
+    h.tx.add_chain(&h.mem, &[(DATA, 12, 0), (DATA + 0x100, arp.len() as u32, 0)]);
+    h.net.process_queue(TX_QUEUE);
+    assert_eq!(h.tx.take_used(&h.mem), vec![(0, 0)]);
+    assert!(h.host_recv().is_none(), "the tap saw an MMDS frame");
+    assert_eq!(h.rx.take_used(&h.mem), vec![(0, 12 + 42)]);
+    assert_eq!(bytes(&h.mem, DATA + 0x8000, 12), vnet_hdr(1), "no offloads, one buffer");
+    let reply = bytes(&h.mem, DATA + 0x800c, 42);
+    assert_eq!(&reply[0..6], &MAC, "to the guest");
+    assert_eq!(&reply[20..22], &[0, 2], "an ARP reply");
+    assert_eq!(&reply[22..28], &kiln_mmds::MMDS_MAC);
+    assert_eq!(&reply[28..32], &MMDS_IP);
+
+    // A SYN to port 80 in one descriptor: a SYN-ACK comes back.
+    let mut msg = vnet_hdr(0).to_vec();
+    msg.extend_from_slice(&tcp_syn(MMDS_IP, 80));
+    h.mem.write_slice(&msg, GuestAddress(DATA + 0x1000)).unwrap();
+    h.tx.add_chain(&h.mem, &[(DATA + 0x1000, msg.len() as u32, 0)]);
+    h.net.process_queue(TX_QUEUE);
+    assert!(h.host_recv().is_none());
+    let used = h.rx.take_used(&h.mem);
+    assert_eq!(used.len(), 1);
+    let synack = bytes(&h.mem, DATA + 0x9000 + 12, used[0].1 as usize - 12);
+    assert_eq!(&synack[12..14], &[0x08, 0x00]);
+    assert_eq!(synack[14 + 20 + 13], 0x12, "SYN|ACK");
+    assert_eq!(&synack[14 + 20 + 8..14 + 20 + 12], &2u32.to_be_bytes(), "acknowledges the SYN");
+
+    // ARP for another address and IPv4 to another host go to the tap as before.
+    for f in [arp_who_has([169, 254, 0, 1]), tcp_syn([10, 0, 0, 1], 80)] {
+        let mut msg = vnet_hdr(0).to_vec();
+        msg.extend_from_slice(&f);
+        h.mem.write_slice(&msg, GuestAddress(DATA + 0x2000)).unwrap();
+        h.tx.add_chain(&h.mem, &[(DATA + 0x2000, msg.len() as u32, 0)]);
+        h.net.process_queue(TX_QUEUE);
+        assert_eq!(h.host_recv().unwrap(), msg);
+    }
+    // A malformed chain for MMDS is refused like any other.
+    h.tx.add_chain(&h.mem, &[(DATA, 12, 0), (DATA + 0x100, arp.len() as u32, F_WRITE)]);
+    h.net.process_queue(TX_QUEUE);
+    assert!(h.host_recv().is_none());
+    assert!(h.rx.take_used(&h.mem).is_empty());
+    assert!(!h.net.needs_reset());
+    let m = h.net.metrics().snapshot();
+    assert_eq!((m.tx_packets, m.rx_packets, m.tx_invalid_chains), (2, 2, 1));
+    // A timer event before the retransmission timeout sends nothing again.
+    h.net.process_host_event(MMDS_TIMER_TOKEN);
+    assert!(h.rx.take_used(&h.mem).is_empty());
 }
