@@ -50,6 +50,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::queue_util::{drain_queue, Chain};
 use super::{device_type, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::interrupt::VirtioInterrupt;
+use crate::rate_limiter::nonblocking_timer;
 use crate::GuestMemory;
 
 /// Queue size offered to the driver (all queues).
@@ -197,23 +198,6 @@ fn pages_to_mib(pages: u32) -> u32 {
 
 fn errno_to_io(e: vmm_sys_util::errno::Error) -> io::Error {
     io::Error::from_raw_os_error(e.errno())
-}
-
-/// A timerfd whose reads never block (the event loop calls us only when it is readable, but a
-/// spurious wakeup must not stall the VMM thread).
-fn nonblocking_timer() -> io::Result<TimerFd> {
-    let timer = TimerFd::new().map_err(errno_to_io)?;
-    let fd = timer.as_raw_fd();
-    // SAFETY: fcntl(F_GETFL) on a descriptor we own; no memory is passed.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fcntl(F_SETFL) on a descriptor we own, with an integer argument; no memory is passed.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(timer)
 }
 
 struct Active {
