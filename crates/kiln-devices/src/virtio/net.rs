@@ -18,6 +18,10 @@
 //!   chain) is dropped and counted. When the ring has no buffers the frame is kept, the tap is
 //!   no longer listed (so a level-triggered loop does not spin) and notifications are enabled;
 //!   the driver's next rx notify delivers it and lists the tap again.
+//! - Rate limiting (Firecracker's `rx_rate_limiter`/`tx_rate_limiter`): each frame costs one
+//!   `ops` token and its length in `bandwidth` tokens. A refused tx chain stays in the ring; a
+//!   refused rx frame stays pending and the tap is not listed. Either resumes when its limiter's
+//!   timer ([`RX_RATE_LIMITER_TOKEN`], [`TX_RATE_LIMITER_TOKEN`]) fires.
 //! - Interrupts: each pass completes everything it can and signals at most once per queue,
 //!   subject to `needs_notification` (VIRTIO_RING_F_EVENT_IDX is offered).
 //!
@@ -39,17 +43,22 @@ use std::io;
 use std::num::Wrapping;
 use std::ops::Range;
 use std::os::unix::io::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::volatile_memory::PtrGuard;
 use vm_memory::{Bytes, GuestMemoryBackend};
 
-use super::queue_util::{drain_queue, Chain, QueueError};
+use super::queue_util::{drain_queue_until, Chain, QueueError};
 use super::{device_type, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::interrupt::VirtioInterrupt;
+use crate::metrics::{Counter, LatencyAgg};
+use crate::rate_limiter::{LimiterSlot, RateLimiterConfig, RateLimiterError};
 use crate::GuestMemory;
 use tap::Tap;
 
@@ -61,6 +70,10 @@ pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 /// The token the tap fd is listed with in [`VirtioDevice::host_fds`].
 pub const TAP_TOKEN: u32 = 0;
+/// The token of the receive rate limiter's timerfd.
+pub const RX_RATE_LIMITER_TOKEN: u32 = 1;
+/// The token of the transmit rate limiter's timerfd.
+pub const TX_RATE_LIMITER_TOKEN: u32 = 2;
 /// `struct virtio_net_hdr_v1`: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
 /// num_buffers.
 pub const VNET_HDR_LEN: usize = 12;
@@ -158,6 +171,12 @@ pub enum NetError {
     InvalidMac { text: String, why: &'static str },
     #[error("MTU {0} is out of range ({MIN_MTU}..=65535)")]
     InvalidMtu(u16),
+    #[error("{which}: {source}")]
+    RateLimiter {
+        which: &'static str,
+        #[source]
+        source: RateLimiterError,
+    },
 }
 
 /// Parses a MAC address written as six two-digit hex bytes separated by `:` (or `-`), such as
@@ -185,29 +204,63 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
     format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
 }
 
-/// Traffic counters. Frame byte counts exclude the vnet header.
-#[derive(Debug, Default)]
+/// Traffic counters (Firecracker's `NetDeviceMetrics`, reported as `net_<iface_id>`; fields are
+/// serialized under Firecracker's names). Frame byte counts exclude the vnet header.
+#[derive(Debug, Default, Serialize)]
 pub struct NetMetrics {
-    /// Frames delivered to the guest.
-    pub rx_packets: AtomicU64,
-    pub rx_bytes: AtomicU64,
-    /// Frames read from the tap and dropped: too large for the guest's buffers, or malformed.
-    pub rx_dropped: AtomicU64,
-    /// Receive chains the guest got back unused because they were malformed.
-    pub rx_invalid_chains: AtomicU64,
+    pub activate_fails: Counter,
+    pub cfg_fails: Counter,
+    pub mac_address_updates: Counter,
     /// Times a frame waited because the guest had no receive buffers.
-    pub rx_no_buffers: AtomicU64,
+    #[serde(rename = "no_rx_avail_buffer")]
+    pub rx_no_buffers: Counter,
+    pub no_tx_avail_buffer: Counter,
+    pub event_fails: Counter,
+    pub rx_queue_event_count: Counter,
+    pub rx_event_rate_limiter_count: Counter,
+    /// Times the receive rate limiter held a frame back.
+    pub rx_rate_limiter_throttled: Counter,
+    pub rx_tap_event_count: Counter,
+    /// Frames delivered to the guest.
+    #[serde(rename = "rx_bytes_count")]
+    pub rx_bytes: Counter,
+    #[serde(rename = "rx_packets_count")]
+    pub rx_packets: Counter,
+    /// Frames read from the tap and dropped: too large for the guest's buffers, or malformed.
+    #[serde(rename = "rx_fails")]
+    pub rx_dropped: Counter,
+    /// Successful tap reads delivered to the guest.
+    pub rx_count: Counter,
+    /// Receive chains the guest got back unused because they were malformed (kiln addition).
+    pub rx_invalid_chains: Counter,
     /// Errors reading the tap.
-    pub rx_tap_errors: AtomicU64,
+    #[serde(rename = "tap_read_fails")]
+    pub rx_tap_errors: Counter,
+    /// Of the dropped transmit chains, frames the tap refused (full queue, bad GSO header, ...).
+    #[serde(rename = "tap_write_fails")]
+    pub tx_tap_errors: Counter,
+    pub tap_write_agg: LatencyAgg,
     /// Frames written to the tap.
-    pub tx_packets: AtomicU64,
-    pub tx_bytes: AtomicU64,
+    #[serde(rename = "tx_bytes_count")]
+    pub tx_bytes: Counter,
+    /// Of the dropped transmit chains, those that were malformed (wrong direction, outside
+    /// memory, too long/short).
+    #[serde(rename = "tx_malformed_frames")]
+    pub tx_invalid_chains: Counter,
     /// Transmit chains not sent: malformed, too long, or refused by the tap.
-    pub tx_dropped: AtomicU64,
-    /// Of those, chains that were malformed (wrong direction, outside memory, too long/short).
-    pub tx_invalid_chains: AtomicU64,
-    /// Of those, frames the tap refused (full queue, bad GSO header, ...).
-    pub tx_tap_errors: AtomicU64,
+    #[serde(rename = "tx_fails")]
+    pub tx_dropped: Counter,
+    /// Successful tap writes.
+    pub tx_count: Counter,
+    #[serde(rename = "tx_packets_count")]
+    pub tx_packets: Counter,
+    pub tx_partial_reads: Counter,
+    pub tx_queue_event_count: Counter,
+    pub tx_rate_limiter_event_count: Counter,
+    /// Times the transmit rate limiter held a chain back.
+    pub tx_rate_limiter_throttled: Counter,
+    pub tx_spoofed_mac_count: Counter,
+    pub tx_remaining_reqs_count: Counter,
 }
 
 /// A plain copy of [`NetMetrics`] at one moment.
@@ -228,7 +281,7 @@ pub struct NetMetricsSnapshot {
 
 impl NetMetrics {
     pub fn snapshot(&self) -> NetMetricsSnapshot {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let g = Counter::get;
         NetMetricsSnapshot {
             rx_packets: g(&self.rx_packets),
             rx_bytes: g(&self.rx_bytes),
@@ -245,8 +298,8 @@ impl NetMetrics {
     }
 }
 
-fn inc(c: &AtomicU64, by: u64) {
-    c.fetch_add(by, Ordering::Relaxed);
+fn inc(c: &Counter, by: u64) {
+    c.add(by);
 }
 
 struct Active {
@@ -284,6 +337,8 @@ pub struct Net {
     active: Option<Active>,
     broken: bool,
     rx: RxState,
+    rx_limiter: LimiterSlot,
+    tx_limiter: LimiterSlot,
     metrics: Arc<NetMetrics>,
 }
 
@@ -390,6 +445,8 @@ impl Net {
                 descs: Vec::new(),
                 parts: Vec::new(),
             },
+            rx_limiter: LimiterSlot::default(),
+            tx_limiter: LimiterSlot::default(),
             metrics: Arc::new(NetMetrics::default()),
         }
     }
@@ -434,6 +491,29 @@ impl Net {
         Arc::clone(&self.metrics)
     }
 
+    /// The receive and transmit limits in force (`None`: not limited).
+    pub fn rate_limiters(&self) -> (Option<RateLimiterConfig>, Option<RateLimiterConfig>) {
+        (self.rx_limiter.config(), self.tx_limiter.config())
+    }
+
+    /// Sets or replaces both rate limiters (`None` or zero-sized buckets: no limit), before boot or
+    /// while the guest runs (`PATCH /network-interfaces`). Traffic stopped by the old limits is
+    /// looked at again within a millisecond. On error nothing changed.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: Option<RateLimiterConfig>,
+        tx: Option<RateLimiterConfig>,
+    ) -> Result<(), NetError> {
+        let err = |which| move |source| NetError::RateLimiter { which, source };
+        for (cfg, which) in [(rx, "rx_rate_limiter"), (tx, "tx_rate_limiter")] {
+            for b in cfg.iter().flat_map(|c| [c.bandwidth, c.ops]).flatten() {
+                crate::rate_limiter::validate_bucket(&b).map_err(err(which))?;
+            }
+        }
+        self.rx_limiter.update(rx).map_err(err("rx_rate_limiter"))?;
+        self.tx_limiter.update(tx).map_err(err("tx_rate_limiter"))
+    }
+
     fn config_space(&self) -> [u8; CONFIG_SPACE_LEN] {
         let mut cfg = [0u8; CONFIG_SPACE_LEN];
         if let Some(mac) = self.mac {
@@ -464,21 +544,28 @@ impl Net {
     }
 
     fn process_tx(&mut self) {
+        if self.tx_limiter.is_blocked() {
+            return;
+        }
         let Some(active) = self.active.as_mut() else { return };
-        let (tap, metrics) = (&self.tap, &*self.metrics);
-        let result = drain_queue(&mut active.tx, &active.mem, &active.interrupt, |mem, chain| {
-            transmit(tap, metrics, mem, chain);
-            0
+        let (tap, metrics, limiter) = (&self.tap, &*self.metrics, &mut self.tx_limiter);
+        let result = drain_queue_until(&mut active.tx, &active.mem, &active.interrupt, |mem, chain| {
+            transmit(tap, metrics, limiter, mem, chain)
         });
-        if let Err(e) = result {
-            tracing::error!("net {}: tx queue broken: {e}", self.id);
-            self.broken = true;
+        match result {
+            Ok(d) if d.completed == 0 && !d.deferred => metrics.no_tx_avail_buffer.inc(),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!("net {}: tx queue broken: {e}", self.id);
+                metrics.event_fails.inc();
+                self.broken = true;
+            }
         }
     }
 
     fn process_rx(&mut self) {
         let Some(active) = self.active.as_mut() else { return };
-        match receive(&self.tap, &mut self.rx, &self.metrics, active) {
+        match receive(&self.tap, &mut self.rx, &mut self.rx_limiter, &self.metrics, active) {
             Ok(delivered) => {
                 if delivered > 0 {
                     match active.rx.needs_notification(&active.mem) {
@@ -503,27 +590,45 @@ impl Net {
     }
 }
 
-/// Writes one tx chain to the tap, straight from guest memory, counting the outcome.
-fn transmit(tap: &Tap, metrics: &NetMetrics, mem: &GuestMemory, chain: Chain<'_>) {
+/// Writes one tx chain to the tap, straight from guest memory, counting the outcome. Returns the
+/// used length, or `None` when the rate limiter holds the chain back.
+fn transmit(
+    tap: &Tap,
+    metrics: &NetMetrics,
+    limiter: &mut LimiterSlot,
+    mem: &GuestMemory,
+    chain: Chain<'_>,
+) -> Option<u32> {
     let mut pieces = Vec::with_capacity(4);
     match tx_pieces(mem, chain, &mut pieces) {
-        Ok(len) => match tap.write_pieces(&pieces, len) {
-            Ok(()) => {
-                inc(&metrics.tx_packets, 1);
-                inc(&metrics.tx_bytes, (len - VNET_HDR_LEN) as u64);
+        Ok(len) if !limiter.consume((len - VNET_HDR_LEN) as u64, 1) => {
+            inc(&metrics.tx_rate_limiter_throttled, 1);
+            return None;
+        }
+        Ok(len) => {
+            let started = Instant::now();
+            let written = tap.write_pieces(&pieces, len);
+            metrics.tap_write_agg.record_since(started);
+            match written {
+                Ok(()) => {
+                    inc(&metrics.tx_packets, 1);
+                    inc(&metrics.tx_count, 1);
+                    inc(&metrics.tx_bytes, (len - VNET_HDR_LEN) as u64);
+                }
+                Err(e) => {
+                    tracing::debug!("net: tap refused a {len}-byte frame: {e}");
+                    inc(&metrics.tx_dropped, 1);
+                    inc(&metrics.tx_tap_errors, 1);
+                }
             }
-            Err(e) => {
-                tracing::debug!("net: tap refused a {len}-byte frame: {e}");
-                inc(&metrics.tx_dropped, 1);
-                inc(&metrics.tx_tap_errors, 1);
-            }
-        },
+        }
         Err(why) => {
             tracing::debug!("net: invalid tx chain: {why}");
             inc(&metrics.tx_dropped, 1);
             inc(&metrics.tx_invalid_chains, 1);
         }
     }
+    Some(0)
 }
 
 /// Checks a tx chain (vnet header + frame: device-readable, inside guest memory, at most
@@ -636,6 +741,7 @@ enum Delivery {
 fn receive(
     tap: &Tap,
     rx: &mut RxState,
+    limiter: &mut LimiterSlot,
     metrics: &NetMetrics,
     active: &mut Active,
 ) -> Result<usize, QueueError> {
@@ -661,14 +767,23 @@ fn receive(
             inc(&metrics.rx_dropped, 1);
             continue;
         }
+        let bytes = (len - VNET_HDR_LEN) as u64;
+        if !limiter.consume(bytes, 1) {
+            // Held until the limiter's timer fires; the tap is not listed meanwhile.
+            rx.pending = Some(len);
+            inc(&metrics.rx_rate_limiter_throttled, 1);
+            break;
+        }
         match deliver(rx, len, metrics, active)? {
             Delivery::Delivered => {
                 delivered += 1;
                 inc(&metrics.rx_packets, 1);
-                inc(&metrics.rx_bytes, (len - VNET_HDR_LEN) as u64);
+                inc(&metrics.rx_count, 1);
+                inc(&metrics.rx_bytes, bytes);
             }
             Delivery::Dropped => inc(&metrics.rx_dropped, 1),
             Delivery::NoBuffers => {
+                limiter.give_back(bytes, 1);
                 rx.pending = Some(len);
                 rx.waiting = true;
                 inc(&metrics.rx_no_buffers, 1);
@@ -785,10 +900,12 @@ impl VirtioDevice for Net {
     ) -> Result<(), ActivateError> {
         let got = queues.len();
         let Ok([rx, tx]) = <[Queue; 2]>::try_from(queues) else {
+            self.metrics.activate_fails.inc();
             return Err(ActivateError::QueueCount { expected: 2, got });
         };
         let offloads = self.offloads_for(acked_features);
         if let Err(e) = self.tap.set_offload(offloads) {
+            self.metrics.activate_fails.inc();
             return Err(ActivateError::Other(format!(
                 "net {}: cannot set offloads {offloads:#x} on tap {}: {e}",
                 self.id,
@@ -816,10 +933,14 @@ impl VirtioDevice for Net {
         match index {
             RX_QUEUE => {
                 // New buffers: deliver what waits and watch the tap again.
+                self.metrics.rx_queue_event_count.inc();
                 self.rx.waiting = false;
                 self.process_rx();
             }
-            TX_QUEUE => self.process_tx(),
+            TX_QUEUE => {
+                self.metrics.tx_queue_event_count.inc();
+                self.process_tx();
+            }
             _ => {}
         }
     }
@@ -849,16 +970,40 @@ impl VirtioDevice for Net {
     }
 
     fn host_fds(&self) -> Vec<(RawFd, u32)> {
-        if self.active.is_some() && !self.broken && !self.rx.waiting {
-            vec![(self.tap.raw_fd(), TAP_TOKEN)]
-        } else {
-            Vec::new()
+        if self.active.is_none() || self.broken {
+            return Vec::new();
         }
+        let mut fds = Vec::with_capacity(3);
+        if !self.rx.waiting && !self.rx_limiter.is_blocked() {
+            fds.push((self.tap.raw_fd(), TAP_TOKEN));
+        }
+        fds.extend(self.rx_limiter.host_fd(RX_RATE_LIMITER_TOKEN));
+        fds.extend(self.tx_limiter.host_fd(TX_RATE_LIMITER_TOKEN));
+        fds
     }
 
     fn process_host_event(&mut self, token: u32) {
-        if token == TAP_TOKEN && !self.broken && !self.rx.waiting {
-            self.process_rx();
+        if self.broken {
+            return;
+        }
+        match token {
+            TAP_TOKEN if !self.rx.waiting && !self.rx_limiter.is_blocked() => {
+                self.metrics.rx_tap_event_count.inc();
+                self.process_rx();
+            }
+            RX_RATE_LIMITER_TOKEN => {
+                self.metrics.rx_event_rate_limiter_count.inc();
+                if self.rx_limiter.timer_fired() {
+                    self.process_rx();
+                }
+            }
+            TX_RATE_LIMITER_TOKEN => {
+                self.metrics.tx_rate_limiter_event_count.inc();
+                if self.tx_limiter.timer_fired() {
+                    self.process_tx();
+                }
+            }
+            _ => {}
         }
     }
 }
