@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
+use kiln_devices::rate_limiter::{self, RateLimiterConfig, TokenBucketConfig};
 use kiln_devices::virtio::block::CacheType;
 use kiln_fc_api::models::{self, FullVmConfiguration};
 
@@ -51,6 +52,8 @@ pub enum ResourcesError {
     BalloonTooLarge { amount: u32, mem: u64 },
     #[error("{0} virtio devices were configured; at most {MAX_VIRTIO_DEVICES} fit")]
     TooManyDevices(usize),
+    #[error("{what}: {why}")]
+    RateLimiter { what: String, why: String },
 }
 
 /// One block device.
@@ -62,6 +65,7 @@ pub struct DriveConfig {
     pub is_root: bool,
     pub partuuid: Option<String>,
     pub cache: CacheType,
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// One network interface: a virtio-net device on an existing host tap.
@@ -71,6 +75,8 @@ pub struct NetConfig {
     pub tap: String,
     pub guest_mac: Option<[u8; 6]>,
     pub mtu: Option<u16>,
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// The vsock device (Firecracker's Unix-socket host side).
@@ -96,16 +102,6 @@ pub enum SerialOutput {
     File(PathBuf),
 }
 
-/// Log settings from the `logger` section.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct LoggerConfig {
-    pub path: Option<PathBuf>,
-    pub level: Option<String>,
-    pub show_level: bool,
-    pub show_origin: bool,
-    pub module: Option<String>,
-}
-
 /// Everything needed to build a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmResources {
@@ -119,12 +115,58 @@ pub struct VmResources {
     /// In attach order, the root device (if any) first so the guest sees it as /dev/vda.
     pub drives: Vec<DriveConfig>,
     pub entropy: bool,
+    pub entropy_rate_limiter: Option<RateLimiterConfig>,
     /// Network interfaces, in attach order.
     pub nets: Vec<NetConfig>,
     pub vsock: Option<VsockSpec>,
     pub balloon: Option<BalloonSpec>,
     pub serial: SerialOutput,
-    pub logger: Option<LoggerConfig>,
+}
+
+/// A token bucket as the devices take it; `what` names it in errors (e.g. `drive 'x' rate_limiter.ops`).
+pub fn token_bucket(what: &str, b: &models::TokenBucket) -> Result<TokenBucketConfig, ResourcesError> {
+    let cfg = TokenBucketConfig {
+        size: b.size,
+        one_time_burst: b.one_time_burst.unwrap_or(0),
+        refill_time_ms: b.refill_time,
+    };
+    rate_limiter::validate_bucket(&cfg)
+        .map_err(|e| ResourcesError::RateLimiter { what: what.to_string(), why: e.to_string() })?;
+    Ok(cfg)
+}
+
+/// A rate limiter as the devices take it (Firecracker's rules: a bucket of size 0 or refill time 0
+/// does not limit). `what` names it in errors.
+pub fn rate_limiter(
+    what: &str,
+    r: Option<&models::RateLimiter>,
+) -> Result<Option<RateLimiterConfig>, ResourcesError> {
+    let Some(r) = r else { return Ok(None) };
+    let bandwidth =
+        r.bandwidth.as_ref().map(|b| token_bucket(&format!("{what}.bandwidth"), b)).transpose()?;
+    let ops = r.ops.as_ref().map(|b| token_bucket(&format!("{what}.ops"), b)).transpose()?;
+    Ok(Some(RateLimiterConfig { bandwidth, ops }).filter(RateLimiterConfig::is_enabled))
+}
+
+/// Firecracker's `PATCH` of a rate limiter: each bucket given replaces the old one; buckets that
+/// limit nothing (size or refill time 0) are dropped, and so is a limiter left with no bucket.
+pub fn patch_rate_limiter(
+    old: Option<models::RateLimiter>,
+    patch: Option<models::RateLimiter>,
+) -> Option<models::RateLimiter> {
+    let mut r = old.unwrap_or_default();
+    if let Some(p) = patch {
+        if p.bandwidth.is_some() {
+            r.bandwidth = p.bandwidth;
+        }
+        if p.ops.is_some() {
+            r.ops = p.ops;
+        }
+    }
+    let limits = |b: &models::TokenBucket| b.size > 0 && b.refill_time > 0;
+    r.bandwidth = r.bandwidth.filter(limits);
+    r.ops = r.ops.filter(limits);
+    (r.bandwidth.is_some() || r.ops.is_some()).then_some(r)
 }
 
 fn unsupported(what: &str) -> ResourcesError {
@@ -169,9 +211,7 @@ pub fn validate_drive(d: &models::Drive) -> Result<(), ResourcesError> {
     if d.socket.is_some() {
         return Err(unsupported("vhost-user block drives ('socket')"));
     }
-    if d.rate_limiter.is_some() {
-        return Err(unsupported(&format!("drive '{}' rate_limiter", d.drive_id)));
-    }
+    rate_limiter(&format!("drive '{}' rate_limiter", d.drive_id), d.rate_limiter.as_ref())?;
     if d.path_on_host.is_none() {
         return Err(ResourcesError::DrivePath(d.drive_id.clone()));
     }
@@ -186,9 +226,9 @@ pub fn validate_net(n: &models::NetworkInterface) -> Result<NetConfig, Resources
     if n.host_dev_name.is_empty() {
         return Err(ResourcesError::IfaceTap(n.iface_id.clone()));
     }
-    if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
-        return Err(unsupported(&format!("network interface '{}' rate limiters", n.iface_id)));
-    }
+    let what = |dir| format!("network interface '{}' {dir}_rate_limiter", n.iface_id);
+    let rx_rate_limiter = rate_limiter(&what("rx"), n.rx_rate_limiter.as_ref())?;
+    let tx_rate_limiter = rate_limiter(&what("tx"), n.tx_rate_limiter.as_ref())?;
     let guest_mac =
         match &n.guest_mac {
             Some(m) => Some(kiln_devices::virtio::net::parse_mac(m).map_err(|e| {
@@ -196,7 +236,14 @@ pub fn validate_net(n: &models::NetworkInterface) -> Result<NetConfig, Resources
             })?),
             None => None,
         };
-    Ok(NetConfig { id: n.iface_id.clone(), tap: n.host_dev_name.clone(), guest_mac, mtu: n.mtu })
+    Ok(NetConfig {
+        id: n.iface_id.clone(),
+        tap: n.host_dev_name.clone(),
+        guest_mac,
+        mtu: n.mtu,
+        rx_rate_limiter,
+        tx_rate_limiter,
+    })
 }
 
 /// Checks the vsock device (also applied at `PUT /vsock`).
@@ -226,11 +273,8 @@ pub fn validate_balloon(b: &models::Balloon, mem_mib: u64) -> Result<BalloonSpec
 }
 
 /// Checks the entropy device (also applied at `PUT /entropy`).
-pub fn validate_entropy(e: &models::EntropyDevice) -> Result<(), ResourcesError> {
-    if e.rate_limiter.is_some() {
-        return Err(unsupported("entropy rate_limiter"));
-    }
-    Ok(())
+pub fn validate_entropy(e: &models::EntropyDevice) -> Result<Option<RateLimiterConfig>, ResourcesError> {
+    rate_limiter("entropy rate_limiter", e.rate_limiter.as_ref())
 }
 
 impl VmResources {
@@ -259,7 +303,6 @@ impl VmResources {
             (!cfg.pmem.is_empty(), "pmem"),
             (cfg.memory_hotplug.is_some(), "memory-hotplug"),
             (cfg.cpu_config.is_some(), "cpu-config"),
-            (cfg.metrics.is_some(), "metrics"),
         ] {
             if present {
                 return Err(unsupported(what));
@@ -284,6 +327,8 @@ impl VmResources {
             if d.io_engine == models::IoEngine::Async {
                 tracing::info!(drive = %d.drive_id, "io_engine Async is served by the synchronous engine");
             }
+            let limit =
+                rate_limiter(&format!("drive '{}' rate_limiter", d.drive_id), d.rate_limiter.as_ref())?;
             drives.push(DriveConfig {
                 id: d.drive_id.clone(),
                 path,
@@ -294,17 +339,15 @@ impl VmResources {
                     models::CacheType::Unsafe => CacheType::Unsafe,
                     models::CacheType::Writeback => CacheType::Writeback,
                 },
+                rate_limiter: limit,
             });
         }
         // The root device is attached first, so the guest names it /dev/vda.
         drives.sort_by_key(|d| !d.is_root);
 
-        let entropy = match &cfg.entropy {
-            Some(e) => {
-                validate_entropy(e)?;
-                true
-            }
-            None => false,
+        let (entropy, entropy_rate_limiter) = match &cfg.entropy {
+            Some(e) => (true, validate_entropy(e)?),
+            None => (false, None),
         };
         let mut nets = Vec::new();
         for n in &cfg.network_interfaces {
@@ -325,14 +368,6 @@ impl VmResources {
             return Err(ResourcesError::TooManyDevices(devices));
         }
 
-        let logger = cfg.logger.as_ref().map(|l| LoggerConfig {
-            path: l.log_path.clone(),
-            level: l.level.map(|v| v.as_str().to_string()),
-            show_level: l.show_level.unwrap_or(false),
-            show_origin: l.show_log_origin.unwrap_or(false),
-            module: l.module.clone(),
-        });
-
         Ok(Self {
             kernel: boot.kernel_image_path.clone(),
             initrd: boot.initrd_path.clone(),
@@ -343,11 +378,11 @@ impl VmResources {
             huge_pages_2m,
             drives,
             entropy,
+            entropy_rate_limiter,
             nets,
             vsock,
             balloon,
             serial: SerialOutput::Stdout,
-            logger,
         })
     }
 
