@@ -457,10 +457,13 @@ pub fn flush_at_exit() {
     }
 }
 
-/// Flushes `dest` every `interval` on a thread of its own, for the life of the process.
+/// Flushes `dest` every `interval` on a thread of its own, for as long as `dest` exists (the
+/// process's destination never goes away).
 pub fn spawn_periodic(dest: Arc<Destination>, interval: Duration) {
+    let dest = Arc::downgrade(&dest);
     let spawned = std::thread::Builder::new().name("kiln_metrics".into()).spawn(move || loop {
         std::thread::sleep(interval);
+        let Some(dest) = dest.upgrade() else { return };
         if let Err(e) = dest.flush() {
             METRICS.logger.metrics_fails.inc();
             tracing::warn!("periodic metrics flush: {e}");
@@ -475,8 +478,12 @@ pub fn spawn_periodic(dest: Arc<Destination>, interval: Duration) {
 mod tests {
     use super::*;
 
+    /// Lines report the process-wide counters: tests that render them take turns.
+    static RENDERING: Mutex<()> = Mutex::new(());
+
     #[test]
     fn a_line_has_firecrackers_sections_in_order_and_reports_increases() {
+        let _turn = lock(&RENDERING);
         let blk = Arc::new(BlockMetrics::default());
         register(DeviceMetrics::Block { drive_id: "unit_a".into(), metrics: blk.clone() });
         let blk2 = Arc::new(BlockMetrics::default());
@@ -527,6 +534,7 @@ mod tests {
 
     #[test]
     fn destination_writes_json_lines_and_the_periodic_flush_runs() {
+        let _turn = lock(&RENDERING);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("metrics.json");
         let dest = Arc::new(Destination::open(&path).unwrap());
@@ -542,6 +550,12 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         };
         assert!(lines.lines().count() >= 3, "periodic flushes: {lines}");
+        // Dropping the destination ends the periodic flush.
+        drop(dest);
+        std::thread::sleep(Duration::from_millis(100));
+        let n = std::fs::read_to_string(&path).unwrap().lines().count();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), n);
         for l in lines.lines() {
             let v: Value = serde_json::from_str(l).unwrap();
             assert!(v["utc_timestamp_ms"].as_u64().unwrap() > 1_600_000_000_000);

@@ -502,6 +502,40 @@ mod tests {
     }
 
     #[test]
+    fn rate_limiters_follow_firecrackers_rules() {
+        let j = format!(
+            r#"{{{BASE}, "drives": [{{"drive_id": "d", "path_on_host": "/d", "is_root_device": false,
+                 "rate_limiter": {{"bandwidth": {{"size": 1000, "one_time_burst": 50, "refill_time": 10}},
+                                   "ops": {{"size": 0, "refill_time": 10}}}}}}],
+               "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "tap0",
+                 "tx_rate_limiter": {{"ops": {{"size": 5, "refill_time": 1}}}}}}],
+               "entropy": {{"rate_limiter": {{"bandwidth": {{"size": 0, "refill_time": 0}}}}}}}}"#
+        );
+        let r = VmResources::from_config(&cfg(&j), None).unwrap();
+        let bw = r.drives[0].rate_limiter.and_then(|l| l.bandwidth).unwrap();
+        assert_eq!((bw.size, bw.one_time_burst, bw.refill_time_ms), (1000, 50, 10));
+        assert_eq!(r.nets[0].tx_rate_limiter.and_then(|l| l.ops).map(|b| b.size), Some(5));
+        assert_eq!(r.nets[0].rx_rate_limiter, None);
+        assert_eq!(r.entropy_rate_limiter, None, "a zero-sized bucket limits nothing");
+        let j = format!(
+            r#"{{{BASE}, "entropy": {{"rate_limiter": {{"ops": {{"size": 1, "refill_time": 18446744073709552}}}}}}}}"#
+        );
+        let e = VmResources::from_config(&cfg(&j), None).unwrap_err();
+        assert!(e.to_string().starts_with("entropy rate_limiter.ops: refill_time"), "{e}");
+    }
+
+    #[test]
+    fn patching_a_rate_limiter_replaces_the_buckets_given() {
+        let tb = |size| models::TokenBucket { size, one_time_burst: None, refill_time: 100 };
+        let rl = |bandwidth, ops| models::RateLimiter { bandwidth, ops };
+        let old = Some(rl(Some(tb(1)), None));
+        assert_eq!(patch_rate_limiter(old, Some(rl(None, Some(tb(2))))), Some(rl(Some(tb(1)), Some(tb(2)))));
+        assert_eq!(patch_rate_limiter(old, None), old);
+        assert_eq!(patch_rate_limiter(old, Some(rl(Some(tb(0)), None))), None, "disabled bucket dropped");
+        assert_eq!(patch_rate_limiter(None, Some(rl(None, Some(tb(3))))), Some(rl(None, Some(tb(3)))));
+    }
+
+    #[test]
     fn init_arguments_stay_last() {
         let j = r#"{"boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0 -- echo hi"},
                    "drives": [{"drive_id": "r", "path_on_host": "/r", "is_root_device": true, "is_read_only": true,
