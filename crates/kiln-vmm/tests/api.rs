@@ -193,6 +193,13 @@ fn last_metrics(path: &Path) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
 }
 
+/// The ticker guest and a 1 MiB scratch disk, in `dir`.
+fn ticker_and_disk(dir: &Path) -> (PathBuf, PathBuf) {
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    (guest(dir, "ticker.elf", include_str!("guests/ticker.S")), disk)
+}
+
 fn u(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a counter: {v}"))
 }
@@ -201,9 +208,7 @@ fn u(v: &serde_json::Value) -> u64 {
 fn metrics_report_what_the_guest_and_the_api_did_on_flush() {
     require_kvm!();
     let dir = tempfile::tempdir().unwrap();
-    let kernel = guest(dir.path(), "ticker.elf", include_str!("guests/ticker.S"));
-    let disk = dir.path().join("disk.img");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let (kernel, disk) = ticker_and_disk(dir.path());
     let metrics = dir.path().join("metrics.json");
     let vmm = Vmm::spawn(dir.path());
     let s = &vmm.sock.clone();
@@ -376,9 +381,7 @@ fn vm_config(sock: &Path) -> serde_json::Value {
 fn drive_rate_limiters_are_set_and_patched_bucket_by_bucket() {
     require_kvm!();
     let dir = tempfile::tempdir().unwrap();
-    let kernel = guest(dir.path(), "ticker.elf", include_str!("guests/ticker.S"));
-    let disk = dir.path().join("disk.img");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let (kernel, disk) = ticker_and_disk(dir.path());
     let vmm = Vmm::spawn(dir.path());
     let s = &vmm.sock.clone();
     let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
