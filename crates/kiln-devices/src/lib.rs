@@ -2,7 +2,8 @@
 //!
 //! Owns: the address-space dispatch (`Bus`, `BusDevice`), the legacy devices a Linux guest needs on
 //! x86_64 (8250 serial on top of vm-superio, i8042 for reset and Ctrl-Alt-Del, the boot timer), the
-//! virtio-mmio transport, and virtio devices (block, rng) built on virtio-queue.
+//! virtio-mmio transport, virtio devices (block, net, vsock, rng, balloon) built on virtio-queue, the
+//! token-bucket rate limiters those devices enforce, and the counters they keep for the VMM's metrics.
 //!
 //! Must not: touch KVM. Devices raise interrupts through the [`interrupt::IrqTrigger`] trait and are
 //! reached through [`bus::BusDevice`]; the VMM wires those to irqfds/ioeventfds. Every value a guest
@@ -12,6 +13,8 @@
 pub mod bus;
 pub mod interrupt;
 pub mod legacy;
+pub mod metrics;
+pub mod rate_limiter;
 pub mod virtio;
 
 /// Guest memory as the devices see it.

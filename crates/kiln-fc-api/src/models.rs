@@ -653,10 +653,16 @@ impl Serialize for LogLevel {
     }
 }
 
-impl<'de> Deserialize<'de> for LogLevel {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        const VARIANTS: &[&str] = &["Error", "Warning", "Info", "Debug", "Trace", "Off"];
-        let s = String::deserialize(d)?;
+impl LogLevel {
+    /// The spellings accepted, as the swagger lists them (any case; `warn` too).
+    pub const VARIANTS: &'static [&'static str] = &["Error", "Warning", "Info", "Debug", "Trace", "Off"];
+}
+
+impl std::str::FromStr for LogLevel {
+    type Err = ();
+
+    /// Case-insensitive, as Firecracker parses `--level` and `PUT /logger`.
+    fn from_str(s: &str) -> Result<Self, ()> {
         match s.to_ascii_lowercase().as_str() {
             "off" => Ok(LogLevel::Off),
             "error" => Ok(LogLevel::Error),
@@ -664,8 +670,15 @@ impl<'de> Deserialize<'de> for LogLevel {
             "info" => Ok(LogLevel::Info),
             "debug" => Ok(LogLevel::Debug),
             "trace" => Ok(LogLevel::Trace),
-            _ => Err(serde::de::Error::unknown_variant(&s, VARIANTS)),
+            _ => Err(()),
         }
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|()| serde::de::Error::unknown_variant(&s, Self::VARIANTS))
     }
 }
 

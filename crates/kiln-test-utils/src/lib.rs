@@ -190,6 +190,45 @@ rm -f "$out" "$err"
 exit $rc
 "#;
 
+/// The static `kiln-agent` for guests, built (first time, ~1-2 min) or found (cached) by
+/// `scripts/build-agent`. Panics with the build's output when it fails.
+pub fn static_agent() -> &'static Path {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT.get_or_init(|| {
+        let path = PathBuf::from(run_script("build-agent").trim());
+        assert!(path.is_file(), "scripts/build-agent printed {path:?}, which is not a file");
+        path
+    })
+}
+
+/// A binary of another workspace package (Cargo only gives tests `CARGO_BIN_EXE_*` of their own
+/// package), built on first use with `cargo build -p <package> --bin <bin>` into its own target dir
+/// (`target/test-bins`, so it never waits for the lock of the build running the tests). Cargo's own
+/// freshness check makes it current.
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    static BUILT: OnceLock<std::sync::Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
+    if let Some(p) = built.get(bin) {
+        return p.clone();
+    }
+    let target = repo_root().join("target/test-bins");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .current_dir(repo_root())
+        .args(["build", "-p", package, "--bin", bin, "--target-dir"])
+        .arg(&target)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cargo}: {e}"));
+    assert!(
+        out.status.success(),
+        "cargo build -p {package} --bin {bin} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = target.join("debug").join(bin);
+    built.insert(bin.to_string(), path.clone());
+    path
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,43 +282,4 @@ mod tests {
         assert_eq!(out, "console-1\n", "{err}");
         assert!(err.ends_with("KVM_EXIT_SHUTDOWN; guest state: rip=0x1\n"), "{err}");
     }
-}
-
-/// The static `kiln-agent` for guests, built (first time, ~1-2 min) or found (cached) by
-/// `scripts/build-agent`. Panics with the build's output when it fails.
-pub fn static_agent() -> &'static Path {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT.get_or_init(|| {
-        let path = PathBuf::from(run_script("build-agent").trim());
-        assert!(path.is_file(), "scripts/build-agent printed {path:?}, which is not a file");
-        path
-    })
-}
-
-/// A binary of another workspace package (Cargo only gives tests `CARGO_BIN_EXE_*` of their own
-/// package), built on first use with `cargo build -p <package> --bin <bin>` into its own target dir
-/// (`target/test-bins`, so it never waits for the lock of the build running the tests). Cargo's own
-/// freshness check makes it current.
-pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
-    static BUILT: OnceLock<std::sync::Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
-    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
-    if let Some(p) = built.get(bin) {
-        return p.clone();
-    }
-    let target = repo_root().join("target/test-bins");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(&cargo)
-        .current_dir(repo_root())
-        .args(["build", "-p", package, "--bin", bin, "--target-dir"])
-        .arg(&target)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cargo}: {e}"));
-    assert!(
-        out.status.success(),
-        "cargo build -p {package} --bin {bin} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = target.join("debug").join(bin);
-    built.insert(bin.to_string(), path.clone());
-    path
 }

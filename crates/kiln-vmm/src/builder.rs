@@ -5,11 +5,12 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use kiln_devices::bus::{Bus, BusError, SharedDevice};
+use kiln_devices::bus::{lock, Bus, BusError, SharedDevice};
 use kiln_devices::interrupt::{IrqTrigger, VirtioInterrupt};
 use kiln_devices::legacy::boot_timer::{BootTimer, StartTime};
 use kiln_devices::legacy::i8042::I8042Device;
 use kiln_devices::legacy::serial::SerialDevice;
+use kiln_devices::rate_limiter::TokenBucketConfig;
 use kiln_devices::virtio::balloon::{Balloon, BalloonConfig, BalloonError};
 use kiln_devices::virtio::block::{Block, BlockConfig, BlockError};
 use kiln_devices::virtio::mmio::MmioTransport;
@@ -32,6 +33,7 @@ use crate::arch::mptable::{self, MptableError};
 use crate::arch::regs::EntryMode;
 use crate::kvm_host::KvmHost;
 use crate::loader::{self, KernelFormat, LoadError};
+use crate::metrics::{self, DeviceMetrics};
 use crate::resources::VmResources;
 use crate::vcpu::{self, VcpuError};
 use crate::vmm::{QueueNotifier, Vmm};
@@ -113,12 +115,18 @@ pub fn open_backends(res: &VmResources) -> Result<Backends, StartMicrovmError> {
     for d in &res.drives {
         let cfg =
             BlockConfig { id: d.id.clone(), path: d.path.clone(), read_only: d.read_only, cache: d.cache };
-        drives.push(Block::new(cfg).map_err(|source| StartMicrovmError::Drive { id: d.id.clone(), source })?);
+        let err = |source| StartMicrovmError::Drive { id: d.id.clone(), source };
+        let mut block = Block::new(cfg).map_err(err)?;
+        block.update_rate_limiter(d.rate_limiter).map_err(err)?;
+        drives.push(block);
     }
     let mut nets = Vec::with_capacity(res.nets.len());
     for n in &res.nets {
         let cfg = NetConfig { id: n.id.clone(), tap_name: n.tap.clone(), guest_mac: n.guest_mac, mtu: n.mtu };
-        nets.push(Net::new(cfg).map_err(|source| StartMicrovmError::Net { id: n.id.clone(), source })?);
+        let err = |source| StartMicrovmError::Net { id: n.id.clone(), source };
+        let mut net = Net::new(cfg).map_err(err)?;
+        net.update_rate_limiters(n.rx_rate_limiter, n.tx_rate_limiter).map_err(err)?;
+        nets.push(net);
     }
     let vsock = match &res.vsock {
         Some(v) => Some(
@@ -138,7 +146,14 @@ pub fn open_backends(res: &VmResources) -> Result<Backends, StartMicrovmError> {
         ),
         None => None,
     };
-    let rng = if res.entropy { Some(Rng::new().map_err(StartMicrovmError::Rng)?) } else { None };
+    let rng = match res.entropy {
+        true => {
+            let mut rng = Rng::new().map_err(StartMicrovmError::Rng)?;
+            rng.update_rate_limiter(res.entropy_rate_limiter).map_err(StartMicrovmError::Rng)?;
+            Some(rng)
+        }
+        false => None,
+    };
     Ok(Backends { drives, nets, vsock, balloon, rng })
 }
 
@@ -170,6 +185,8 @@ pub struct BuildOptions {
     pub serial_out: Box<dyn Write + Send>,
     /// Whether the VMM's stdin feeds the guest's serial console.
     pub serial_in: bool,
+    /// Output bandwidth of the serial console (bytes); what exceeds it is dropped.
+    pub serial_out_limit: Option<TokenBucketConfig>,
     pub start: StartTime,
 }
 
@@ -233,6 +250,12 @@ fn irq_eventfd(vm: &VmFd, irq: u32) -> Result<EventFd, StartMicrovmError> {
     Ok(evt)
 }
 
+/// A virtio device the API addresses by id.
+enum Named {
+    Drive(String),
+    Net(String),
+}
+
 /// Builds the VM described by `res`. The vCPUs are configured but not running: `Vmm::run` starts them.
 pub fn build_microvm(
     res: &VmResources,
@@ -274,6 +297,11 @@ pub fn build_microvm(
         opts.serial_out,
         serial_drained.try_clone().map_err(StartMicrovmError::EventFd)?,
     )));
+    {
+        let mut dev = lock(&serial);
+        dev.limit_output(opts.serial_out_limit);
+        metrics::register(DeviceMetrics::Uart(dev.metrics_handle()));
+    }
     pio.insert(serial.clone() as SharedDevice, layout::COM1_PORT, layout::COM_PORT_SIZE)
         .map_err(StartMicrovmError::Bus)?;
     let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(StartMicrovmError::EventFd)?;
@@ -282,6 +310,7 @@ pub fn build_microvm(
         reset_evt.try_clone().map_err(StartMicrovmError::EventFd)?,
         Arc::new(kbd_irq),
     )));
+    metrics::register(DeviceMetrics::I8042(lock(&i8042).metrics_handle()));
     pio.insert(i8042.clone() as SharedDevice, layout::I8042_PORT, layout::I8042_PORT_SIZE)
         .map_err(StartMicrovmError::Bus)?;
     let boot_timer = Arc::new(Mutex::new(BootTimer::new(opts.start)));
@@ -290,28 +319,37 @@ pub fn build_microvm(
 
     // virtio-mmio devices, in attach order: drives (root first), network interfaces, vsock,
     // balloon, entropy.
-    let mut virtio: Vec<(Option<String>, Box<dyn VirtioDevice>)> = Vec::new();
+    // Drives and interfaces are remembered by id for the API's PATCH requests.
+    let mut virtio: Vec<(Option<Named>, Box<dyn VirtioDevice>)> = Vec::new();
     for b in backends.drives {
-        virtio.push((Some(b.id().to_string()), Box::new(b)));
+        let drive_id = b.id().to_string();
+        metrics::register(DeviceMetrics::Block { drive_id: drive_id.clone(), metrics: b.metrics_handle() });
+        virtio.push((Some(Named::Drive(drive_id)), Box::new(b)));
     }
     for n in backends.nets {
-        virtio.push((None, Box::new(n)));
+        let iface_id = n.id().to_string();
+        metrics::register(DeviceMetrics::Net { iface_id: iface_id.clone(), metrics: n.metrics_handle() });
+        virtio.push((Some(Named::Net(iface_id)), Box::new(n)));
     }
     if let Some(v) = backends.vsock {
+        metrics::register(DeviceMetrics::Vsock(v.metrics_handle()));
         virtio.push((None, Box::new(v)));
     }
     let balloon_index = backends.balloon.is_some().then_some(virtio.len());
     if let Some(b) = backends.balloon {
+        metrics::register(DeviceMetrics::Balloon(b.metrics_handle()));
         virtio.push((None, Box::new(b)));
     }
     if let Some(rng) = backends.rng {
+        metrics::register(DeviceMetrics::Entropy(rng.metrics_handle()));
         virtio.push((None, Box::new(rng)));
     }
     let mut announced = Vec::new();
     let mut notifiers = Vec::new();
     let mut drives = Vec::new();
+    let mut nets = Vec::new();
     let mut transports = Vec::new();
-    for (i, (drive_id, dev)) in virtio.into_iter().enumerate() {
+    for (i, (named, dev)) in virtio.into_iter().enumerate() {
         let addr = layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE;
         let irq = layout::IRQ_VIRTIO_FIRST + i as u32;
         let irq_evt = irq_eventfd(&vm, irq)?;
@@ -326,8 +364,10 @@ pub fn build_microvm(
                 .map_err(kvm_err("KVM_IOEVENTFD"))?;
             notifiers.push(QueueNotifier { evt, transport: transport.clone(), queue: q });
         }
-        if let Some(id) = drive_id {
-            drives.push((id, transport.clone()));
+        match named {
+            Some(Named::Drive(id)) => drives.push((id, transport.clone())),
+            Some(Named::Net(id)) => nets.push((id, transport.clone())),
+            None => {}
         }
         transports.push(transport.clone());
         announced.push((addr, layout::VIRTIO_MMIO_SIZE, irq));
@@ -390,6 +430,7 @@ pub fn build_microvm(
             reset_evt,
             notifiers,
             drives,
+            nets,
             balloon: balloon_index.and_then(|i| transports.get(i).cloned()),
             virtio: transports,
         },

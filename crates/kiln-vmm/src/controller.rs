@@ -7,16 +7,18 @@ use std::sync::{mpsc, Mutex};
 
 use kiln_devices::bus::lock;
 use kiln_devices::legacy::boot_timer::StartTime;
+use kiln_devices::rate_limiter::TokenBucketConfig;
 use kiln_fc_api::models::{
     Balloon, BalloonStats, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, EntropyDevice,
-    FullVmConfiguration, MachineConfiguration, MachineConfigurationUpdate, MmdsConfig, NetworkInterface,
-    PartialDrive, Vsock,
+    FullVmConfiguration, Logger, MachineConfiguration, MachineConfigurationUpdate, Metrics, MmdsConfig,
+    NetworkInterface, PartialDrive, PartialNetworkInterface, SerialDevice, Vsock,
 };
 use kiln_mmds::{SharedMmds, StoreError};
 
 use crate::builder::{self, BuildOptions};
 use crate::exit_code;
 use crate::kvm_host::{self, KvmHost};
+use crate::metrics::METRICS;
 use crate::resources::{self, VmResources, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
 use crate::vmm::{VmExit, VmHandle};
 
@@ -30,6 +32,7 @@ pub enum VmmAction {
     UpdateMachineConfig(MachineConfigurationUpdate),
     SetEntropy(EntropyDevice),
     InsertNetworkInterface(NetworkInterface),
+    UpdateNetworkInterface(PartialNetworkInterface),
     SetVsock(Vsock),
     SetBalloon(Balloon),
     UpdateBalloon(BalloonUpdate),
@@ -44,6 +47,13 @@ pub enum VmmAction {
     PatchMmds(serde_json::Value),
     GetMmds,
     SetMmdsConfig(MmdsConfig),
+    /// `PUT /metrics`: where metrics lines go (once, before boot).
+    ConfigureMetrics(Metrics),
+    /// `PUT /logger`: changes the fields given (at any time; Firecracker only before boot).
+    ConfigureLogger(Logger),
+    /// `PUT /serial`: where the guest console goes, and its output limit (before boot).
+    ConfigureSerial(SerialDevice),
+    FlushMetrics,
     Start,
     Pause,
     Resume,
@@ -110,6 +120,13 @@ impl SharedWriter {
     pub fn new(w: Box<dyn Write + Send>) -> Self {
         Self(std::sync::Arc::new(Mutex::new(w)))
     }
+
+    /// Sends everything written from now on to `w` instead.
+    pub fn replace(&self, w: Box<dyn Write + Send>) {
+        let mut cur = lock(&self.0);
+        let _ = cur.flush();
+        *cur = w;
+    }
 }
 
 impl Write for SharedWriter {
@@ -127,6 +144,8 @@ pub struct Controller {
     state: Mutex<State>,
     opts: Mutex<Option<ControllerOptions>>,
     mmds: SharedMmds,
+    /// From `PUT /serial`.
+    serial_out_limit: Mutex<Option<TokenBucketConfig>>,
 }
 
 impl Controller {
@@ -136,6 +155,7 @@ impl Controller {
             state: Mutex::new(State::NotStarted),
             mmds: opts.mmds.clone(),
             opts: Mutex::new(Some(opts)),
+            serial_out_limit: Mutex::new(None),
         }
     }
 
@@ -208,32 +228,7 @@ impl Controller {
                     None => cfg.drives.push(d),
                 }
             }
-            VmmAction::UpdateDrive(p) => {
-                if self.started() {
-                    let path = p.path_on_host.as_ref().ok_or_else(|| {
-                        ActionError::Invalid("only path_on_host can be updated on a running microVM".into())
-                    })?;
-                    if p.rate_limiter.is_some() {
-                        return Err(ActionError::Invalid("rate limiters are not supported yet".into()));
-                    }
-                    self.running()?.update_drive(&p.drive_id, path).map_err(ActionError::Runtime)?;
-                    let mut cfg = lock(&self.config);
-                    if let Some(d) = cfg.drives.iter_mut().find(|d| d.drive_id == p.drive_id) {
-                        d.path_on_host = Some(path.clone());
-                    }
-                } else {
-                    let mut cfg = lock(&self.config);
-                    let d = cfg.drives.iter_mut().find(|d| d.drive_id == p.drive_id).ok_or_else(|| {
-                        ActionError::Invalid(format!("Could not find a drive with id {}", p.drive_id))
-                    })?;
-                    if let Some(path) = p.path_on_host {
-                        d.path_on_host = Some(path);
-                    }
-                    if p.rate_limiter.is_some() {
-                        d.rate_limiter = p.rate_limiter;
-                    }
-                }
-            }
+            VmmAction::UpdateDrive(p) => self.update_drive(p)?,
             VmmAction::SetMachineConfig(m) => {
                 let mut cfg = self.pre_boot()?;
                 resources::validate_machine_config(&m, resources::host_memory_mib())
@@ -278,6 +273,7 @@ impl Controller {
                     None => cfg.network_interfaces.push(n),
                 }
             }
+            VmmAction::UpdateNetworkInterface(p) => self.update_net(p)?,
             VmmAction::SetVsock(v) => {
                 let mut cfg = self.pre_boot()?;
                 resources::validate_vsock(&v).map_err(|e| ActionError::Invalid(e.to_string()))?;
@@ -376,16 +372,128 @@ impl Controller {
                 c.ipv4_address = Some(spec.ipv4_address);
                 cfg.mmds_config = Some(c);
             }
+            VmmAction::ConfigureMetrics(m) => {
+                let _cfg = self.pre_boot()?;
+                crate::metrics::init(&m.metrics_path).map_err(|e| ActionError::Invalid(e.to_string()))?;
+            }
+            VmmAction::ConfigureLogger(l) => {
+                crate::logger::update(&l).map_err(|e| ActionError::Invalid(crate::error_chain(&e)))?;
+            }
+            VmmAction::ConfigureSerial(sd) => self.configure_serial(sd)?,
+            VmmAction::FlushMetrics => {
+                self.running()?;
+                crate::metrics::flush().map_err(|e| ActionError::Runtime(e.to_string()))?;
+            }
             VmmAction::Start => self.start()?,
             VmmAction::Pause => {
+                let t0 = std::time::Instant::now();
                 if !self.running()?.pause() {
                     return Err(ActionError::Runtime("the vCPUs did not pause within a second".into()));
                 }
+                let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+                METRICS.latencies_us.pause_vm.set(us);
+                METRICS.latencies_us.vmm_pause_vm.set(us);
             }
-            VmmAction::Resume => self.running()?.resume(),
+            VmmAction::Resume => {
+                let t0 = std::time::Instant::now();
+                self.running()?.resume();
+                let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+                METRICS.latencies_us.resume_vm.set(us);
+                METRICS.latencies_us.vmm_resume_vm.set(us);
+            }
             VmmAction::SendCtrlAltDel => self.running()?.send_ctrl_alt_del().map_err(ActionError::Runtime)?,
         }
         Ok(ActionOutput::Done)
+    }
+
+    /// `PATCH /drives/{id}`: a new backing file and/or rate limiter; before boot only the
+    /// configuration changes. A refused request changes nothing.
+    fn update_drive(&self, p: PartialDrive) -> Result<(), ActionError> {
+        if p.path_on_host.is_none() && p.rate_limiter.is_none() {
+            return Err(ActionError::Invalid(
+                "nothing to update: give path_on_host and/or rate_limiter".into(),
+            ));
+        }
+        let not_found = || ActionError::Invalid(format!("Could not find a drive with id {}", p.drive_id));
+        let old_limit = lock(&self.config)
+            .drives
+            .iter()
+            .find(|d| d.drive_id == p.drive_id)
+            .ok_or_else(not_found)?
+            .rate_limiter;
+        let limit = resources::patch_rate_limiter(old_limit, p.rate_limiter);
+        let what = format!("drive '{}' rate_limiter", p.drive_id);
+        let limit_cfg = resources::rate_limiter(&what, limit.as_ref()).map_err(invalid)?;
+        if self.started() {
+            let vm = self.running()?;
+            if let Some(path) = &p.path_on_host {
+                vm.update_drive(&p.drive_id, path).map_err(ActionError::Runtime)?;
+            }
+            if p.rate_limiter.is_some() {
+                vm.update_drive_rate_limiter(&p.drive_id, limit_cfg).map_err(ActionError::Runtime)?;
+            }
+        }
+        let mut cfg = lock(&self.config);
+        let d = cfg.drives.iter_mut().find(|d| d.drive_id == p.drive_id).ok_or_else(not_found)?;
+        if let Some(path) = p.path_on_host {
+            d.path_on_host = Some(path);
+        }
+        if p.rate_limiter.is_some() {
+            d.rate_limiter = limit;
+        }
+        Ok(())
+    }
+
+    /// `PATCH /network-interfaces/{id}`: new receive and/or transmit rate limiters (buckets given
+    /// replace the old ones). A refused request changes nothing.
+    fn update_net(&self, p: PartialNetworkInterface) -> Result<(), ActionError> {
+        let not_found =
+            || ActionError::Invalid(format!("Could not find a network interface with id {}", p.iface_id));
+        let (old_rx, old_tx) = {
+            let cfg = lock(&self.config);
+            let n = cfg.network_interfaces.iter().find(|n| n.iface_id == p.iface_id).ok_or_else(not_found)?;
+            (n.rx_rate_limiter, n.tx_rate_limiter)
+        };
+        let rx = resources::patch_rate_limiter(old_rx, p.rx_rate_limiter);
+        let tx = resources::patch_rate_limiter(old_tx, p.tx_rate_limiter);
+        let what = |dir| format!("network interface '{}' {dir}_rate_limiter", p.iface_id);
+        let rx_cfg = resources::rate_limiter(&what("rx"), rx.as_ref()).map_err(invalid)?;
+        let tx_cfg = resources::rate_limiter(&what("tx"), tx.as_ref()).map_err(invalid)?;
+        if self.started() {
+            self.running()?
+                .update_net_rate_limiters(&p.iface_id, rx_cfg, tx_cfg)
+                .map_err(ActionError::Runtime)?;
+        }
+        let mut cfg = lock(&self.config);
+        let n = cfg.network_interfaces.iter_mut().find(|n| n.iface_id == p.iface_id).ok_or_else(not_found)?;
+        n.rx_rate_limiter = rx;
+        n.tx_rate_limiter = tx;
+        Ok(())
+    }
+
+    /// `PUT /serial`: the console output goes to `serial_out_path` (a file, created if missing, or
+    /// a named pipe), limited by `rate_limiter`.
+    fn configure_serial(&self, sd: SerialDevice) -> Result<(), ActionError> {
+        let _cfg = self.pre_boot()?;
+        let limit = sd
+            .rate_limiter
+            .as_ref()
+            .map(|b| resources::token_bucket("serial rate_limiter", b))
+            .transpose()
+            .map_err(invalid)?;
+        let out = match &sd.serial_out_path {
+            Some(path) => Some(crate::output::open(path).map_err(|e| {
+                ActionError::Invalid(format!("cannot open serial_out_path {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
+        let opts = lock(&self.opts);
+        let opts = opts.as_ref().ok_or(ActionError::AlreadyStarted)?;
+        if let Some((file, _fifo)) = out {
+            opts.serial_out.replace(Box::new(file));
+        }
+        *lock(&self.serial_out_limit) = limit;
+        Ok(())
     }
 
     fn start(&self) -> Result<(), ActionError> {
@@ -410,6 +518,7 @@ impl Controller {
         let build = BuildOptions {
             serial_out: Box::new(opts.serial_out.clone()),
             serial_in: opts.serial_in,
+            serial_out_limit: *lock(&self.serial_out_limit),
             start: opts.start,
         };
         let vmm = builder::build_microvm(&res, backends, &host, build).map_err(|e| start_err(&e))?;
@@ -442,6 +551,10 @@ impl Controller {
 }
 
 fn mmds_error(e: StoreError) -> ActionError {
+    ActionError::Invalid(e.to_string())
+}
+
+fn invalid(e: resources::ResourcesError) -> ActionError {
     ActionError::Invalid(e.to_string())
 }
 

@@ -36,6 +36,9 @@ pub mod exit_code {
 
 pub mod api;
 pub mod controller;
+pub mod logger;
+pub mod metrics;
+pub mod output;
 
 /// An error and its sources on one line: "what failed: why: root cause".
 pub fn error_chain(e: &dyn std::error::Error) -> String {

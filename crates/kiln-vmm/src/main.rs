@@ -6,12 +6,15 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use kiln_devices::legacy::boot_timer::StartTime;
+use kiln_fc_api::models::{LogLevel, Logger};
 use kiln_vmm::api::VmmApi;
 use kiln_vmm::builder::{self, BuildOptions, StartMicrovmError};
 use kiln_vmm::controller::{Controller, ControllerOptions, VmmAction};
 use kiln_vmm::exit_code;
 use kiln_vmm::kvm_host::{self, KvmHost};
-use kiln_vmm::resources::{self, LoggerConfig, SerialOutput, VmResources};
+use kiln_vmm::logger::{self, LogSettings, LoggerError};
+use kiln_vmm::metrics::{self, METRICS};
+use kiln_vmm::resources::{self, SerialOutput, VmResources};
 use kiln_vmm::vmm::VmExit;
 
 #[derive(Parser, Debug)]
@@ -45,6 +48,12 @@ struct Args {
     /// Include the source file and line in log lines.
     #[arg(long)]
     show_log_origin: bool,
+    /// Only log events from this module path (e.g. kiln_vmm::api).
+    #[arg(long, value_name = "MODULE")]
+    module: Option<String>,
+    /// Write Firecracker-format metrics (JSON lines) to this file or named pipe.
+    #[arg(long, value_name = "PATH")]
+    metrics_path: Option<PathBuf>,
     /// Accepted for Firecracker compatibility: the boot timer is always present.
     #[arg(long)]
     boot_timer: bool,
@@ -82,47 +91,51 @@ fn fail(code: i32, message: impl Into<String>) -> Failure {
     Failure { code, message: message.into() }
 }
 
-fn init_logging(args: &Args, cfg: Option<&LoggerConfig>) -> Result<(), Failure> {
-    let level =
-        args.level.clone().or_else(|| cfg.and_then(|c| c.level.clone())).unwrap_or_else(|| "info".into());
-    let filter = match level.to_ascii_lowercase().as_str() {
-        "off" => "off",
-        "error" => "error",
-        "warning" | "warn" => "warn",
-        "info" => "info",
-        "debug" => "debug",
-        "trace" => "trace",
-        other => {
-            return Err(fail(
+/// The log settings: the config file's `logger` section, then the command line on top.
+fn log_settings(args: &Args, cfg: Option<&Logger>) -> Result<LogSettings, Failure> {
+    let mut settings = LogSettings::default();
+    if let Some(c) = cfg {
+        settings.apply(c);
+    }
+    let level = match &args.level {
+        Some(l) => Some(l.parse::<LogLevel>().map_err(|()| {
+            fail(
                 exit_code::ARG_PARSING,
-                format!("unknown log level '{other}': use Error, Warning, Info, Debug, Trace or Off"),
-            ))
-        }
+                format!("unknown log level '{l}': use Error, Warning, Info, Debug, Trace or Off"),
+            )
+        })?),
+        None => None,
     };
-    let filter = match cfg.and_then(|c| c.module.clone()) {
-        Some(m) => format!("off,{m}={filter}"),
-        None => filter.to_string(),
-    };
-    let show_level = args.show_level || cfg.is_some_and(|c| c.show_level);
-    let show_origin = args.show_log_origin || cfg.is_some_and(|c| c.show_origin);
-    let path = args.log_path.clone().or_else(|| cfg.and_then(|c| c.path.clone()));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_level(show_level)
-        .with_file(show_origin)
-        .with_line_number(show_origin)
-        .with_target(false)
-        .with_ansi(false);
-    let res = match path {
-        Some(p) => {
-            let f = std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(|e| {
-                fail(exit_code::BAD_CONFIGURATION, format!("cannot open log file {}: {e}", p.display()))
-            })?;
-            builder.with_writer(std::sync::Mutex::new(f)).try_init()
-        }
-        None => builder.with_writer(std::io::stderr).try_init(),
-    };
-    res.map_err(|e| fail(exit_code::VMM_ERROR, format!("cannot set up logging: {e}")))
+    settings.apply(&Logger {
+        log_path: args.log_path.clone(),
+        level,
+        show_level: args.show_level.then_some(true),
+        show_log_origin: args.show_log_origin.then_some(true),
+        module: args.module.clone(),
+    });
+    Ok(settings)
+}
+
+fn init_logging(args: &Args, cfg: Option<&Logger>) -> Result<(), Failure> {
+    logger::init(log_settings(args, cfg)?).map_err(|e| {
+        let code = match &e {
+            LoggerError::Module { .. } if args.module.is_some() => exit_code::ARG_PARSING,
+            LoggerError::Open { .. } | LoggerError::Module { .. } => exit_code::BAD_CONFIGURATION,
+            _ => exit_code::VMM_ERROR,
+        };
+        fail(code, chain(&e))
+    })
+}
+
+/// Starts the metrics from `--metrics-path` or the config file's `metrics` section.
+fn init_metrics(args: &Args, cfg: Option<&kiln_fc_api::models::Metrics>) -> Result<(), Failure> {
+    if let Some(path) = args.metrics_path.as_ref().or(cfg.map(|m| &m.metrics_path)) {
+        metrics::init(path).map_err(|e| fail(exit_code::BAD_CONFIGURATION, chain(&e)))?;
+    }
+    if args.metrics_path.is_some() && cfg.is_some() {
+        tracing::warn!("--metrics-path overrides the config file's metrics section");
+    }
+    Ok(())
 }
 
 /// Puts a terminal on stdin into raw mode for the guest console and restores it on drop.
@@ -215,9 +228,14 @@ const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
 
 /// Serves the Firecracker API until the VM it starts ends (or forever, if none is started).
 fn run_api(args: &Args, start: StartTime) -> Result<i32, Failure> {
-    let cfg = args.config_file.as_deref().map(load_config).transpose()?;
+    let mut cfg = args.config_file.as_deref().map(load_config).transpose()?;
     let mmds = mmds_store(args)?;
-    init_logging(args, None)?;
+    init_logging(args, cfg.as_ref().and_then(|c| c.logger.as_ref()))?;
+    // Logger and metrics are process settings, applied now rather than kept with the VM's.
+    init_metrics(args, cfg.as_mut().and_then(|c| c.metrics.take()).as_ref())?;
+    if let Some(c) = cfg.as_mut() {
+        c.logger = None;
+    }
     let sock = args.api_sock.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCK));
     let server = kiln_fc_api::server::ApiServer::bind(&sock).map_err(|e| {
         fail(exit_code::ARG_PARSING, format!("cannot serve the API on {}: {}", sock.display(), chain(&e)))
@@ -235,6 +253,14 @@ fn run_api(args: &Args, start: StartTime) -> Result<i32, Failure> {
         .spawn(std::sync::Arc::new(VmmApi { controller: controller.clone(), instance_id: args.id.clone() }))
         .map_err(|e| fail(exit_code::VMM_ERROR, format!("cannot start the API server: {}", chain(&e))))?;
     tracing::info!("serving the API on {}", sock.display());
+    METRICS
+        .api_server
+        .process_startup_time_us
+        .set(u64::try_from(start.wall.elapsed().as_micros()).unwrap_or(0));
+    METRICS
+        .api_server
+        .process_startup_time_cpu_us
+        .set(kiln_devices::legacy::boot_timer::process_cpu_time_us().saturating_sub(start.cpu_us));
     let _terminal = if args.no_stdin { RawTerminal(None) } else { RawTerminal::enable() };
     if let Some(cfg) = cfg {
         // As Firecracker: a config file given with the API boots the VM right away.
@@ -244,6 +270,7 @@ fn run_api(args: &Args, start: StartTime) -> Result<i32, Failure> {
             .map_err(|e| fail(exit_code::BAD_CONFIGURATION, e.to_string()))?;
     }
     let code = exit_rx.recv().unwrap_or(exit_code::VMM_ERROR);
+    metrics::flush_at_exit();
     let _ = std::io::stdout().flush();
     handle.shutdown();
     let _ = std::fs::remove_file(&sock);
@@ -286,7 +313,8 @@ fn run(start: StartTime) -> Result<i32, Failure> {
     if let Some(p) = &args.serial_out {
         res.serial = SerialOutput::File(p.clone());
     }
-    init_logging(&args, res.logger.as_ref())?;
+    init_logging(&args, cfg.logger.as_ref())?;
+    init_metrics(&args, cfg.metrics.as_ref())?;
     tracing::debug!("kiln-vmm {} starting instance {}", env!("CARGO_PKG_VERSION"), args.id);
 
     let mut backends = builder::open_backends(&res).map_err(|e| fail(start_error_code(&e), chain(&e)))?;
@@ -312,12 +340,14 @@ fn run(start: StartTime) -> Result<i32, Failure> {
         &res,
         backends,
         &host,
-        BuildOptions { serial_out, serial_in: !args.no_stdin, start },
+        BuildOptions { serial_out, serial_in: !args.no_stdin, serial_out_limit: None, start },
     )
     .map_err(|e| fail(start_error_code(&e), chain(&e)))?;
 
     let _terminal = if args.no_stdin { RawTerminal(None) } else { RawTerminal::enable() };
-    let exit = vmm.run().map_err(|e| fail(exit_code::VMM_ERROR, chain(&e)))?;
+    let exit = vmm.run().map_err(|e| fail(exit_code::VMM_ERROR, chain(&e)));
+    metrics::flush_at_exit();
+    let exit = exit?;
     let _ = std::io::stdout().flush();
     Ok(match exit {
         VmExit::GuestStopped(why) => {

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
+use kiln_devices::rate_limiter::{self, RateLimiterConfig, TokenBucketConfig};
 use kiln_devices::virtio::block::CacheType;
 use kiln_fc_api::models::{self, FullVmConfiguration};
 
@@ -67,6 +68,8 @@ pub enum ResourcesError {
          169.254.1.0-169.254.254.255 (the default is 169.254.169.254)"
     )]
     MmdsAddress(Ipv4Addr),
+    #[error("{what}: {why}")]
+    RateLimiter { what: String, why: String },
 }
 
 /// One block device.
@@ -78,6 +81,7 @@ pub struct DriveConfig {
     pub is_root: bool,
     pub partuuid: Option<String>,
     pub cache: CacheType,
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// One network interface: a virtio-net device on an existing host tap.
@@ -87,6 +91,8 @@ pub struct NetConfig {
     pub tap: String,
     pub guest_mac: Option<[u8; 6]>,
     pub mtu: Option<u16>,
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// The vsock device (Firecracker's Unix-socket host side).
@@ -122,16 +128,6 @@ pub enum SerialOutput {
     File(PathBuf),
 }
 
-/// Log settings from the `logger` section.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct LoggerConfig {
-    pub path: Option<PathBuf>,
-    pub level: Option<String>,
-    pub show_level: bool,
-    pub show_origin: bool,
-    pub module: Option<String>,
-}
-
 /// Everything needed to build a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmResources {
@@ -145,13 +141,59 @@ pub struct VmResources {
     /// In attach order, the root device (if any) first so the guest sees it as /dev/vda.
     pub drives: Vec<DriveConfig>,
     pub entropy: bool,
+    pub entropy_rate_limiter: Option<RateLimiterConfig>,
     /// Network interfaces, in attach order.
     pub nets: Vec<NetConfig>,
     pub vsock: Option<VsockSpec>,
     pub balloon: Option<BalloonSpec>,
     pub serial: SerialOutput,
-    pub logger: Option<LoggerConfig>,
     pub mmds: Option<MmdsSpec>,
+}
+
+/// A token bucket as the devices take it; `what` names it in errors (e.g. `drive 'x' rate_limiter.ops`).
+pub fn token_bucket(what: &str, b: &models::TokenBucket) -> Result<TokenBucketConfig, ResourcesError> {
+    let cfg = TokenBucketConfig {
+        size: b.size,
+        one_time_burst: b.one_time_burst.unwrap_or(0),
+        refill_time_ms: b.refill_time,
+    };
+    rate_limiter::validate_bucket(&cfg)
+        .map_err(|e| ResourcesError::RateLimiter { what: what.to_string(), why: e.to_string() })?;
+    Ok(cfg)
+}
+
+/// A rate limiter as the devices take it (Firecracker's rules: a bucket of size 0 or refill time 0
+/// does not limit). `what` names it in errors.
+pub fn rate_limiter(
+    what: &str,
+    r: Option<&models::RateLimiter>,
+) -> Result<Option<RateLimiterConfig>, ResourcesError> {
+    let Some(r) = r else { return Ok(None) };
+    let bandwidth =
+        r.bandwidth.as_ref().map(|b| token_bucket(&format!("{what}.bandwidth"), b)).transpose()?;
+    let ops = r.ops.as_ref().map(|b| token_bucket(&format!("{what}.ops"), b)).transpose()?;
+    Ok(Some(RateLimiterConfig { bandwidth, ops }).filter(RateLimiterConfig::is_enabled))
+}
+
+/// Firecracker's `PATCH` of a rate limiter: each bucket given replaces the old one; buckets that
+/// limit nothing (size or refill time 0) are dropped, and so is a limiter left with no bucket.
+pub fn patch_rate_limiter(
+    old: Option<models::RateLimiter>,
+    patch: Option<models::RateLimiter>,
+) -> Option<models::RateLimiter> {
+    let mut r = old.unwrap_or_default();
+    if let Some(p) = patch {
+        if p.bandwidth.is_some() {
+            r.bandwidth = p.bandwidth;
+        }
+        if p.ops.is_some() {
+            r.ops = p.ops;
+        }
+    }
+    let limits = |b: &models::TokenBucket| b.size > 0 && b.refill_time > 0;
+    r.bandwidth = r.bandwidth.filter(limits);
+    r.ops = r.ops.filter(limits);
+    (r.bandwidth.is_some() || r.ops.is_some()).then_some(r)
 }
 
 fn unsupported(what: &str) -> ResourcesError {
@@ -196,9 +238,7 @@ pub fn validate_drive(d: &models::Drive) -> Result<(), ResourcesError> {
     if d.socket.is_some() {
         return Err(unsupported("vhost-user block drives ('socket')"));
     }
-    if d.rate_limiter.is_some() {
-        return Err(unsupported(&format!("drive '{}' rate_limiter", d.drive_id)));
-    }
+    rate_limiter(&format!("drive '{}' rate_limiter", d.drive_id), d.rate_limiter.as_ref())?;
     if d.path_on_host.is_none() {
         return Err(ResourcesError::DrivePath(d.drive_id.clone()));
     }
@@ -213,9 +253,9 @@ pub fn validate_net(n: &models::NetworkInterface) -> Result<NetConfig, Resources
     if n.host_dev_name.is_empty() {
         return Err(ResourcesError::IfaceTap(n.iface_id.clone()));
     }
-    if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
-        return Err(unsupported(&format!("network interface '{}' rate limiters", n.iface_id)));
-    }
+    let what = |dir| format!("network interface '{}' {dir}_rate_limiter", n.iface_id);
+    let rx_rate_limiter = rate_limiter(&what("rx"), n.rx_rate_limiter.as_ref())?;
+    let tx_rate_limiter = rate_limiter(&what("tx"), n.tx_rate_limiter.as_ref())?;
     let guest_mac =
         match &n.guest_mac {
             Some(m) => Some(kiln_devices::virtio::net::parse_mac(m).map_err(|e| {
@@ -223,7 +263,14 @@ pub fn validate_net(n: &models::NetworkInterface) -> Result<NetConfig, Resources
             })?),
             None => None,
         };
-    Ok(NetConfig { id: n.iface_id.clone(), tap: n.host_dev_name.clone(), guest_mac, mtu: n.mtu })
+    Ok(NetConfig {
+        id: n.iface_id.clone(),
+        tap: n.host_dev_name.clone(),
+        guest_mac,
+        mtu: n.mtu,
+        rx_rate_limiter,
+        tx_rate_limiter,
+    })
 }
 
 /// Checks an MMDS configuration (also applied at `PUT /mmds/config`) against the network
@@ -284,11 +331,8 @@ pub fn validate_balloon(b: &models::Balloon, mem_mib: u64) -> Result<BalloonSpec
 }
 
 /// Checks the entropy device (also applied at `PUT /entropy`).
-pub fn validate_entropy(e: &models::EntropyDevice) -> Result<(), ResourcesError> {
-    if e.rate_limiter.is_some() {
-        return Err(unsupported("entropy rate_limiter"));
-    }
-    Ok(())
+pub fn validate_entropy(e: &models::EntropyDevice) -> Result<Option<RateLimiterConfig>, ResourcesError> {
+    rate_limiter("entropy rate_limiter", e.rate_limiter.as_ref())
 }
 
 impl VmResources {
@@ -316,7 +360,6 @@ impl VmResources {
             (!cfg.pmem.is_empty(), "pmem"),
             (cfg.memory_hotplug.is_some(), "memory-hotplug"),
             (cfg.cpu_config.is_some(), "cpu-config"),
-            (cfg.metrics.is_some(), "metrics"),
         ] {
             if present {
                 return Err(unsupported(what));
@@ -341,6 +384,8 @@ impl VmResources {
             if d.io_engine == models::IoEngine::Async {
                 tracing::info!(drive = %d.drive_id, "io_engine Async is served by the synchronous engine");
             }
+            let limit =
+                rate_limiter(&format!("drive '{}' rate_limiter", d.drive_id), d.rate_limiter.as_ref())?;
             drives.push(DriveConfig {
                 id: d.drive_id.clone(),
                 path,
@@ -351,17 +396,15 @@ impl VmResources {
                     models::CacheType::Unsafe => CacheType::Unsafe,
                     models::CacheType::Writeback => CacheType::Writeback,
                 },
+                rate_limiter: limit,
             });
         }
         // The root device is attached first, so the guest names it /dev/vda.
         drives.sort_by_key(|d| !d.is_root);
 
-        let entropy = match &cfg.entropy {
-            Some(e) => {
-                validate_entropy(e)?;
-                true
-            }
-            None => false,
+        let (entropy, entropy_rate_limiter) = match &cfg.entropy {
+            Some(e) => (true, validate_entropy(e)?),
+            None => (false, None),
         };
         let mut nets = Vec::new();
         for n in &cfg.network_interfaces {
@@ -384,14 +427,6 @@ impl VmResources {
             return Err(ResourcesError::TooManyDevices(devices));
         }
 
-        let logger = cfg.logger.as_ref().map(|l| LoggerConfig {
-            path: l.log_path.clone(),
-            level: l.level.map(|v| v.as_str().to_string()),
-            show_level: l.show_level.unwrap_or(false),
-            show_origin: l.show_log_origin.unwrap_or(false),
-            module: l.module.clone(),
-        });
-
         Ok(Self {
             kernel: boot.kernel_image_path.clone(),
             initrd: boot.initrd_path.clone(),
@@ -402,11 +437,11 @@ impl VmResources {
             huge_pages_2m,
             drives,
             entropy,
+            entropy_rate_limiter,
             nets,
             vsock,
             balloon,
             serial: SerialOutput::Stdout,
-            logger,
             mmds,
         })
     }
@@ -524,6 +559,40 @@ mod tests {
             VmResources::from_config(&cfg(&no_path), None),
             Err(ResourcesError::DrivePath("a".into()))
         );
+    }
+
+    #[test]
+    fn rate_limiters_follow_firecrackers_rules() {
+        let j = format!(
+            r#"{{{BASE}, "drives": [{{"drive_id": "d", "path_on_host": "/d", "is_root_device": false,
+                 "rate_limiter": {{"bandwidth": {{"size": 1000, "one_time_burst": 50, "refill_time": 10}},
+                                   "ops": {{"size": 0, "refill_time": 10}}}}}}],
+               "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "tap0",
+                 "tx_rate_limiter": {{"ops": {{"size": 5, "refill_time": 1}}}}}}],
+               "entropy": {{"rate_limiter": {{"bandwidth": {{"size": 0, "refill_time": 0}}}}}}}}"#
+        );
+        let r = VmResources::from_config(&cfg(&j), None).unwrap();
+        let bw = r.drives[0].rate_limiter.and_then(|l| l.bandwidth).unwrap();
+        assert_eq!((bw.size, bw.one_time_burst, bw.refill_time_ms), (1000, 50, 10));
+        assert_eq!(r.nets[0].tx_rate_limiter.and_then(|l| l.ops).map(|b| b.size), Some(5));
+        assert_eq!(r.nets[0].rx_rate_limiter, None);
+        assert_eq!(r.entropy_rate_limiter, None, "a zero-sized bucket limits nothing");
+        let j = format!(
+            r#"{{{BASE}, "entropy": {{"rate_limiter": {{"ops": {{"size": 1, "refill_time": 18446744073709552}}}}}}}}"#
+        );
+        let e = VmResources::from_config(&cfg(&j), None).unwrap_err();
+        assert!(e.to_string().starts_with("entropy rate_limiter.ops: refill_time"), "{e}");
+    }
+
+    #[test]
+    fn patching_a_rate_limiter_replaces_the_buckets_given() {
+        let tb = |size| models::TokenBucket { size, one_time_burst: None, refill_time: 100 };
+        let rl = |bandwidth, ops| models::RateLimiter { bandwidth, ops };
+        let old = Some(rl(Some(tb(1)), None));
+        assert_eq!(patch_rate_limiter(old, Some(rl(None, Some(tb(2))))), Some(rl(Some(tb(1)), Some(tb(2)))));
+        assert_eq!(patch_rate_limiter(old, None), old);
+        assert_eq!(patch_rate_limiter(old, Some(rl(Some(tb(0)), None))), None, "disabled bucket dropped");
+        assert_eq!(patch_rate_limiter(None, Some(rl(None, Some(tb(3))))), Some(rl(None, Some(tb(3)))));
     }
 
     #[test]

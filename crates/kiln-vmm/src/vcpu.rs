@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{cpuid, msr, regs};
 use crate::kvm_host::KvmHost;
+use crate::metrics::METRICS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -216,7 +217,10 @@ impl VcpuRunner {
         };
         match &outcome {
             VcpuOutcome::GuestStopped(why) => tracing::info!("vCPU {}: guest stopped: {why}", self.id),
-            VcpuOutcome::Failed(why) => tracing::error!("vCPU {}: {why}", self.id),
+            VcpuOutcome::Failed(why) => {
+                METRICS.vcpu.failures.inc();
+                tracing::error!("vCPU {}: {why}", self.id);
+            }
         }
         // The receiver lives as long as the VMM; if it is gone the process is exiting anyway.
         let _ = self.outcome_tx.send((self.id, outcome));
@@ -273,32 +277,45 @@ impl VcpuRunner {
 
     /// One `KVM_RUN`; `Some` when the vCPU must stop.
     fn run_once(&mut self) -> Option<VcpuOutcome> {
+        let m = &METRICS.vcpu;
         match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
+                    let t = Instant::now();
                     if !self.pio.read(u64::from(port), data) {
                         data.fill(0xff);
                         tracing::trace!("unhandled PIO read at {port:#x}");
                     }
+                    m.exit_io_in.inc();
+                    m.exit_io_in_agg.record_since(t);
                     None
                 }
                 VcpuExit::IoOut(port, data) => {
+                    let t = Instant::now();
                     if !self.pio.write(u64::from(port), data) {
                         tracing::trace!("unhandled PIO write at {port:#x}");
                     }
+                    m.exit_io_out.inc();
+                    m.exit_io_out_agg.record_since(t);
                     None
                 }
                 VcpuExit::MmioRead(addr, data) => {
+                    let t = Instant::now();
                     if !self.mmio.read(addr, data) {
                         data.fill(0xff);
                         tracing::trace!("unhandled MMIO read at {addr:#x}");
                     }
+                    m.exit_mmio_read.inc();
+                    m.exit_mmio_read_agg.record_since(t);
                     None
                 }
                 VcpuExit::MmioWrite(addr, data) => {
+                    let t = Instant::now();
                     if !self.mmio.write(addr, data) {
                         tracing::trace!("unhandled MMIO write at {addr:#x}");
                     }
+                    m.exit_mmio_write.inc();
+                    m.exit_mmio_write_agg.record_since(t);
                     None
                 }
                 VcpuExit::Hlt => Some(VcpuOutcome::GuestStopped("halted".into())),

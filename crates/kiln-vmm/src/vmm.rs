@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use kiln_devices::bus::{lock, Bus};
 use kiln_devices::legacy::i8042::I8042Device;
 use kiln_devices::legacy::serial::SerialDevice;
+use kiln_devices::rate_limiter::RateLimiterConfig;
 use kiln_devices::virtio::mmio::MmioTransport;
 use kvm_ioctls::{VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
@@ -65,6 +66,8 @@ pub struct VmmDevices {
     pub notifiers: Vec<QueueNotifier>,
     /// Block devices by drive id, for swapping their backing files at run time.
     pub drives: Vec<(String, Arc<Mutex<MmioTransport>>)>,
+    /// Network devices by interface id, for updating their rate limiters at run time.
+    pub nets: Vec<(String, Arc<Mutex<MmioTransport>>)>,
     /// Every virtio device, in attach order (index = device index in host-fd tokens).
     pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
     /// The balloon device, if any.
@@ -115,7 +118,21 @@ pub struct VmHandle {
     threads: Arc<Mutex<Vec<libc::pthread_t>>>,
     i8042: Arc<Mutex<I8042Device>>,
     drives: Vec<(String, Arc<Mutex<MmioTransport>>)>,
+    nets: Vec<(String, Arc<Mutex<MmioTransport>>)>,
     balloon: Option<Arc<Mutex<MmioTransport>>>,
+}
+
+/// Runs `f` on the device of type `D` registered under `id`.
+fn with_named<D: 'static, R>(
+    devices: &[(String, Arc<Mutex<MmioTransport>>)],
+    id: &str,
+    what: &str,
+    f: impl FnOnce(&mut D) -> R,
+) -> Result<R, String> {
+    let (_, transport) = devices.iter().find(|(d, _)| d == id).ok_or_else(|| format!("no {what} '{id}'"))?;
+    let mut t = lock(transport);
+    let dev = t.device_as_mut::<D>().ok_or_else(|| format!("'{id}' is not a {what}"))?;
+    Ok(f(dev))
 }
 
 impl VmHandle {
@@ -158,14 +175,29 @@ impl VmHandle {
 
     /// Points drive `id` at a new backing file; the guest is told its new size.
     pub fn update_drive(&self, id: &str, path: &std::path::Path) -> Result<(), String> {
-        let (_, transport) =
-            self.drives.iter().find(|(d, _)| d == id).ok_or_else(|| format!("no drive '{id}'"))?;
-        let mut t = lock(transport);
-        let block = t
-            .device_as_mut::<kiln_devices::virtio::block::Block>()
-            .ok_or_else(|| format!("'{id}' is not a block device"))?;
-        let read_only = block.is_read_only();
-        block.update_backing(path, read_only).map_err(|e| e.to_string())
+        with_named(&self.drives, id, "drive", |block: &mut kiln_devices::virtio::block::Block| {
+            let read_only = block.is_read_only();
+            block.update_backing(path, read_only).map_err(|e| crate::error_chain(&e))
+        })?
+    }
+
+    /// Replaces drive `id`'s rate limiter (`None`: no limit).
+    pub fn update_drive_rate_limiter(&self, id: &str, cfg: Option<RateLimiterConfig>) -> Result<(), String> {
+        with_named(&self.drives, id, "drive", |block: &mut kiln_devices::virtio::block::Block| {
+            block.update_rate_limiter(cfg).map_err(|e| crate::error_chain(&e))
+        })?
+    }
+
+    /// Replaces network interface `id`'s receive and transmit rate limiters (`None`: no limit).
+    pub fn update_net_rate_limiters(
+        &self,
+        id: &str,
+        rx: Option<RateLimiterConfig>,
+        tx: Option<RateLimiterConfig>,
+    ) -> Result<(), String> {
+        with_named(&self.nets, id, "network interface", |net: &mut kiln_devices::virtio::net::Net| {
+            net.update_rate_limiters(rx, tx).map_err(|e| crate::error_chain(&e))
+        })?
     }
 }
 
@@ -235,6 +267,7 @@ impl Vmm {
             threads: self.threads.clone(),
             i8042: self.devices.i8042.clone(),
             drives: self.devices.drives.clone(),
+            nets: self.devices.nets.clone(),
             balloon: self.devices.balloon.clone(),
         }
     }

@@ -850,18 +850,29 @@ fn bodies_that_are_not_objects_are_refused() {
 }
 
 #[test]
-fn put_refuses_unsupported_fields_at_once_as_documented() {
-    let tb = json!({"size": 1, "refill_time": 1});
+fn put_refuses_unsupported_fields_and_invalid_rate_limiters_at_once() {
+    // A refill time whose nanoseconds overflow 64 bits (Firecracker silently disables such a bucket).
+    let tb = json!({"size": 1, "refill_time": u64::MAX / 1000});
     assert_refused_when_put(&[
-        ("PUT", "/entropy", json!({"rate_limiter": {"bandwidth": tb}}).to_string(), "rate_limiter"),
+        ("PUT", "/entropy", json!({"rate_limiter": {"bandwidth": tb}}).to_string(), "refill_time"),
         (
             "PUT",
             "/drives/x2",
             json!({"drive_id": "x2", "path_on_host": "/bin/true", "is_root_device": false, "is_read_only": true,
                    "rate_limiter": {"ops": tb}})
             .to_string(),
-            "rate_limiter",
+            "rate_limiter.ops",
         ),
+        (
+            "PUT",
+            "/network-interfaces/eth9",
+            json!({"iface_id": "eth9", "host_dev_name": "tap9", "tx_rate_limiter": {"bandwidth": tb}}).to_string(),
+            "tx_rate_limiter.bandwidth",
+        ),
+        ("PUT", "/serial", json!({"rate_limiter": tb}).to_string(), "refill_time"),
+        ("PUT", "/metrics", json!({"metrics_path": "/nonexistent/kiln/m.json"}).to_string(), "/nonexistent/kiln"),
+        ("PUT", "/logger", json!({"log_path": "/nonexistent/kiln/log"}).to_string(), "/nonexistent/kiln"),
+        ("PUT", "/logger", json!({"module": "a=b"}).to_string(), "module"),
         (
             "PUT",
             "/drives/x3",

@@ -173,3 +173,33 @@ fn a_triple_fault_ends_the_vm_and_logs_where_the_guest_was() {
     let rip = u64::from_str_radix(rip, 16).unwrap();
     assert!((0x10_0000..0x10_1000).contains(&rip), "rip {rip:#x} is not in the guest's code: {line}");
 }
+
+#[test]
+fn metrics_from_the_config_file_are_flushed_when_the_vm_ends() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest(dir.path(), "pvh.elf", include_str!("guests/pvh.S"));
+    let metrics = dir.path().join("metrics.json");
+    run_expecting(
+        dir.path(),
+        serde_json::json!({
+            "boot-source": {"kernel_image_path": kernel},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+            "entropy": {},
+            "metrics": {"metrics_path": metrics},
+            "logger": {"level": "Warning"}
+        }),
+        "pvh:MTVFU\n",
+    );
+    // The guest ended the VM long before the first periodic flush: this is the final one.
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    let m: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("not a counter: {v}"));
+    // "pvh:MTVFU\n" is 10 bytes on the console, each an `out` to COM1.
+    assert_eq!(n(&m["uart"]["write_count"]), 10, "{}", m["uart"]);
+    assert!(n(&m["vcpu"]["exit_io_out"]) >= 10, "{}", m["vcpu"]);
+    assert!(n(&m["vcpu"]["exit_mmio_read"]) > 0, "the guest probed virtio-mmio: {}", m["vcpu"]);
+    assert!(n(&m["i8042"]["reset_count"]) >= 1, "the guest reset through the i8042: {}", m["i8042"]);
+    assert_eq!(n(&m["vcpu"]["failures"]), 0);
+}

@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::interrupt::IrqTrigger;
+use crate::metrics::I8042Metrics;
 
 /// First port of the range.
 pub const I8042_PIO_BASE: u64 = 0x60;
@@ -133,6 +134,7 @@ pub struct I8042Device {
     buf: VecDeque<u8>,
     /// Reset pulses seen; Linux pulses several times while the VMM is stopping the VM.
     resets: u32,
+    metrics: Arc<I8042Metrics>,
 }
 
 impl std::fmt::Debug for I8042Device {
@@ -161,7 +163,13 @@ impl I8042Device {
             scancode_set: 2,
             buf: VecDeque::with_capacity(BUF_SIZE),
             resets: 0,
+            metrics: Arc::new(I8042Metrics::default()),
         }
+    }
+
+    /// The device's counters, for the VMM's metrics.
+    pub fn metrics_handle(&self) -> Arc<I8042Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// Presses and releases Ctrl+Alt+Del and raises IRQ 1: a Linux guest's keyboard driver turns
@@ -224,6 +232,7 @@ impl I8042Device {
 
     fn reset(&mut self) {
         self.resets += 1;
+        self.metrics.reset_count.inc();
         if self.resets == 1 {
             tracing::info!("i8042: guest pulsed the reset line");
         } else {
@@ -327,8 +336,10 @@ impl I8042Device {
 impl BusDevice for I8042Device {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if data.len() != 1 {
+            self.metrics.missed_read_count.inc();
             return;
         }
+        self.metrics.read_count.inc();
         data[0] = match offset {
             OFS_DATA => {
                 let byte = self.pop();
@@ -345,8 +356,10 @@ impl BusDevice for I8042Device {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if data.len() != 1 {
+            self.metrics.missed_write_count.inc();
             return;
         }
+        self.metrics.write_count.inc();
         match offset {
             OFS_DATA => self.write_data(data[0]),
             OFS_STATUS => self.write_command(data[0]),

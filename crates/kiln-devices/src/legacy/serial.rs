@@ -4,9 +4,14 @@
 //! failing writer (closed stdout, full pipe) loses bytes but never stops the guest. Input is
 //! bounded by the UART FIFO: the VMM asks [`SerialDevice::input_space`] before reading from its
 //! input source and hands over at most that much with [`SerialDevice::enqueue_input`].
+//!
+//! Output may be rate limited ([`SerialDevice::limit_output`], Firecracker's `serial.rate_limiter`):
+//! bytes beyond the bucket are dropped, never delayed, so a chatty guest cannot stall its vCPU.
+//! Counters are in [`SerialMetrics`] (Firecracker's `uart` section).
 
 use std::io::{self, Write};
 use std::sync::Arc;
+use std::time::Instant;
 
 use vm_superio::serial::{Error as SerialError, SerialEvents};
 use vm_superio::{Serial, Trigger};
@@ -14,6 +19,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::interrupt::IrqTrigger;
+use crate::metrics::SerialMetrics;
+use crate::rate_limiter::{TokenBucket, TokenBucketConfig};
 
 /// Length of the UART's PIO range.
 pub const SERIAL_PIO_LEN: u64 = 8;
@@ -33,16 +40,23 @@ impl Trigger for IrqAdapter {
     }
 }
 
-/// Serial events: tells the VMM (optionally) when the guest drained the input FIFO, so it can
-/// resume reading its input source.
+/// Serial events: counts bytes, and tells the VMM (optionally) when the guest drained the input
+/// FIFO, so it can resume reading its input source.
 struct InputEvents {
     input_drained: Option<EventFd>,
+    metrics: Arc<SerialMetrics>,
 }
 
 impl SerialEvents for InputEvents {
-    fn buffer_read(&self) {}
-    fn out_byte(&self) {}
-    fn tx_lost_byte(&self) {}
+    fn buffer_read(&self) {
+        self.metrics.read_count.inc();
+    }
+    fn out_byte(&self) {
+        self.metrics.write_count.inc();
+    }
+    fn tx_lost_byte(&self) {
+        self.metrics.missed_write_count.inc();
+    }
     fn in_buffer_empty(&self) {
         if let Some(evt) = &self.input_drained {
             if let Err(e) = evt.write(1) {
@@ -58,7 +72,32 @@ const REG_LCR: u64 = 3;
 const LCR_DLAB: u8 = 0x80;
 const IER_RDI: u8 = 0x01;
 
-type Uart = Serial<IrqAdapter, InputEvents, Box<dyn Write + Send>>;
+/// The host side of the console output: the VMM's writer, behind an optional byte bucket.
+struct Output {
+    out: Box<dyn Write + Send>,
+    limit: Option<TokenBucket>,
+    metrics: Arc<SerialMetrics>,
+}
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(bucket) = self.limit.as_mut() {
+            if !bucket.try_take(buf.len() as u64, Instant::now()) {
+                // Dropped, as Firecracker does: the guest is never held up by its console.
+                self.metrics.rate_limiter_dropped_bytes.add(buf.len() as u64);
+                return Ok(buf.len());
+            }
+        }
+        self.out.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.metrics.flush_count.inc();
+        self.out.flush()
+    }
+}
+
+type Uart = Serial<IrqAdapter, InputEvents, Output>;
 
 /// COM1 as a [`BusDevice`]. Insert it on the PIO bus at [`COM1_PIO_BASE`] with length
 /// [`SERIAL_PIO_LEN`].
@@ -100,8 +139,21 @@ impl SerialDevice {
     }
 
     fn build(irq: Arc<dyn IrqTrigger>, out: Box<dyn Write + Send>, evt: Option<EventFd>) -> Self {
-        let events = InputEvents { input_drained: evt };
+        let metrics = Arc::new(SerialMetrics::default());
+        let events = InputEvents { input_drained: evt, metrics: metrics.clone() };
+        let out = Output { out, limit: None, metrics };
         Self { uart: Serial::with_events(IrqAdapter(irq), events, out), out_broken: false, lcr: 0, ier: 0 }
+    }
+
+    /// The device's counters, for the VMM's metrics.
+    pub fn metrics_handle(&self) -> Arc<SerialMetrics> {
+        Arc::clone(&self.uart.writer().metrics)
+    }
+
+    /// Limits the output bandwidth to a byte bucket (`None`, zero size or zero refill time: no
+    /// limit); output beyond it is dropped and counted.
+    pub fn limit_output(&mut self, cfg: Option<TokenBucketConfig>) {
+        self.uart.writer_mut().limit = cfg.and_then(|c| TokenBucket::new(&c, Instant::now()));
     }
 
     /// Queues bytes for the guest to read. Returns how many were accepted: at most
@@ -220,6 +272,24 @@ mod tests {
         dev.read(0, &mut w);
         assert_eq!(w, [0, 0]);
         assert_eq!(&*buf.0.lock().unwrap(), b"hello");
+    }
+
+    #[test]
+    fn output_is_counted_and_a_rate_limit_drops_the_excess() {
+        let buf = SharedBuf::default();
+        let mut dev = SerialDevice::new(Arc::new(CountingIrq::default()), Box::new(buf.clone()));
+        let m = dev.metrics_handle();
+        // 10 bytes, refilled over a minute: the rest of a burst is dropped.
+        dev.limit_output(Some(TokenBucketConfig { size: 10, one_time_burst: 0, refill_time_ms: 60_000 }));
+        for b in b"0123456789abcdefghij" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(&*buf.0.lock().unwrap(), b"0123456789");
+        assert_eq!(m.write_count.get(), 20, "the guest wrote 20 bytes");
+        assert_eq!(m.rate_limiter_dropped_bytes.get(), 10);
+        dev.limit_output(None);
+        dev.write(0, b"!");
+        assert_eq!(&*buf.0.lock().unwrap(), b"0123456789!");
     }
 
     #[test]

@@ -40,6 +40,7 @@ use std::io;
 use std::num::Wrapping;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use virtio_queue::desc::split::Descriptor;
@@ -50,6 +51,8 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::queue_util::{drain_queue, Chain};
 use super::{device_type, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::interrupt::VirtioInterrupt;
+use crate::metrics::BalloonMetrics;
+use crate::rate_limiter::nonblocking_timer;
 use crate::GuestMemory;
 
 /// Queue size offered to the driver (all queues).
@@ -197,23 +200,6 @@ fn pages_to_mib(pages: u32) -> u32 {
 
 fn errno_to_io(e: vmm_sys_util::errno::Error) -> io::Error {
     io::Error::from_raw_os_error(e.errno())
-}
-
-/// A timerfd whose reads never block (the event loop calls us only when it is readable, but a
-/// spurious wakeup must not stall the VMM thread).
-pub(crate) fn nonblocking_timer() -> io::Result<TimerFd> {
-    let timer = TimerFd::new().map_err(errno_to_io)?;
-    let fd = timer.as_raw_fd();
-    // SAFETY: fcntl(F_GETFL) on a descriptor we own; no memory is passed.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fcntl(F_SETFL) on a descriptor we own, with an integer argument; no memory is passed.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(timer)
 }
 
 struct Active {
@@ -476,6 +462,7 @@ pub struct Balloon {
     inflater: Inflater,
     active: Option<Active>,
     broken: bool,
+    metrics: Arc<BalloonMetrics>,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -519,7 +506,13 @@ impl Balloon {
             inflater: Inflater::default(),
             active: None,
             broken: false,
+            metrics: Arc::new(BalloonMetrics::default()),
         })
+    }
+
+    /// The device's counters, for the VMM's metrics.
+    pub fn metrics_handle(&self) -> Arc<BalloonMetrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// The configuration as it stands now (for `GET /balloon`).
@@ -643,18 +636,26 @@ impl Balloon {
         let result = drain_queue(queue, &active.mem, &active.interrupt, |mem, chain| {
             inflater.handle_chain(mem, chain)
         });
-        if let Err(e) = result {
-            tracing::error!("balloon: inflate queue broken: {e}");
-            self.broken = true;
+        match result {
+            Ok(n) => self.metrics.inflate_count.add(n as u64),
+            Err(e) => {
+                tracing::error!("balloon: inflate queue broken: {e}");
+                self.metrics.event_fails.inc();
+                self.broken = true;
+            }
         }
     }
 
     fn process_deflate(&mut self) {
         let Some(active) = self.active.as_mut() else { return };
         let Some(queue) = active.queues.get_mut(DEFLATE_QUEUE) else { return };
-        if let Err(e) = drain_queue(queue, &active.mem, &active.interrupt, |_, _| 0) {
-            tracing::error!("balloon: deflate queue broken: {e}");
-            self.broken = true;
+        match drain_queue(queue, &active.mem, &active.interrupt, |_, _| 0) {
+            Ok(n) => self.metrics.deflate_count.add(n as u64),
+            Err(e) => {
+                tracing::error!("balloon: deflate queue broken: {e}");
+                self.metrics.event_fails.inc();
+                self.broken = true;
+            }
         }
     }
 
@@ -672,6 +673,7 @@ impl Balloon {
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let n = parse_stats(mem, chain, &mut self.stats);
+            self.metrics.stats_updates_count.inc();
             tracing::trace!("balloon: {n} statistics from the guest");
             if head >= queue.size() {
                 tracing::debug!("balloon: statistics buffer with invalid head {head}");
@@ -778,6 +780,7 @@ impl VirtioDevice for Balloon {
     ) -> Result<(), ActivateError> {
         let expected = self.queue_sizes.len();
         if queues.len() != expected {
+            self.metrics.activate_fails.inc();
             return Err(ActivateError::QueueCount { expected, got: queues.len() });
         }
         let stats = self.stats_enabled() && acked_features & VIRTIO_BALLOON_F_STATS_VQ != 0;

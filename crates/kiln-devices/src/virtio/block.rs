@@ -7,6 +7,11 @@
 //! range is inside the disk (overflow-checked). A bad chain completes with IOERR, or with used
 //! length 0 when it has no usable status byte; the next request is served normally.
 //!
+//! Rate limiting (Firecracker's `Drive.rate_limiter`): every request costs one `ops` token, reads
+//! and writes also their data length in `bandwidth` tokens. When the limiter refuses, the request
+//! stays in the ring and the queue is left alone until the limiter's timer ([`RATE_LIMITER_TOKEN`]
+//! in [`VirtioDevice::host_fds`]) fires. Counters are in [`BlockMetrics`] (`metrics_handle`).
+//!
 //! Cache modes follow Firecracker (`Drive.cache_type`, default `Unsafe`):
 //! - `Writeback`: VIRTIO_BLK_F_FLUSH is offered, so Linux treats the disk as having a volatile
 //!   write cache and sends flushes (fsync, journal commits); each FLUSH does `fdatasync` on the
@@ -20,14 +25,18 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::queue_util::{drain_queue, Chain};
+use super::queue_util::{drain_queue_until, Chain};
 use super::{device_type, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::interrupt::VirtioInterrupt;
+use crate::metrics::BlockMetrics;
+use crate::rate_limiter::{LimiterSlot, RateLimiterConfig, RateLimiterError};
 use crate::GuestMemory;
 
 /// Sector size of the virtio-blk protocol.
@@ -59,6 +68,9 @@ pub const VIRTIO_BLK_S_IOERR: u8 = 1;
 pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 
 const HEADER_LEN: u32 = 16;
+
+/// The token the rate limiter's timerfd is listed with in [`VirtioDevice::host_fds`].
+pub const RATE_LIMITER_TOKEN: u32 = 0;
 
 /// Firecracker's `Drive.cache_type`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -105,6 +117,8 @@ pub enum BlockError {
     },
     #[error("failed to signal the configuration change")]
     Signal(#[source] io::Error),
+    #[error("rate_limiter: {0}")]
+    RateLimiter(#[source] RateLimiterError),
 }
 
 /// An opened backing file.
@@ -181,6 +195,8 @@ pub struct Block {
     active: Option<Active>,
     broken: bool,
     buf: Vec<u8>,
+    limiter: LimiterSlot,
+    metrics: Arc<BlockMetrics>,
 }
 
 impl std::fmt::Debug for Block {
@@ -221,7 +237,53 @@ impl Block {
             active: None,
             broken: false,
             buf: vec![0; CHUNK],
+            limiter: LimiterSlot::default(),
+            metrics: Arc::new(BlockMetrics::default()),
         })
+    }
+
+    /// The device's counters, for the VMM's metrics.
+    pub fn metrics_handle(&self) -> Arc<BlockMetrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// The rate limiter's settings (`None`: not limited).
+    pub fn rate_limiter(&self) -> Option<RateLimiterConfig> {
+        self.limiter.config()
+    }
+
+    /// Sets or replaces the rate limiter (`None` or zero-sized buckets: no limit), before boot or
+    /// while the guest runs (`PATCH /drives`). A queue stopped by the old limits is looked at again
+    /// within a millisecond.
+    pub fn update_rate_limiter(&mut self, cfg: Option<RateLimiterConfig>) -> Result<(), BlockError> {
+        self.limiter.update(cfg).map_err(BlockError::RateLimiter)
+    }
+
+    /// Serves what the ring holds, within the rate limit.
+    fn run_queue(&mut self) {
+        if self.broken || self.limiter.is_blocked() {
+            return;
+        }
+        let Some(active) = self.active.as_mut() else { return };
+        let mut req = Requests {
+            disk: &self.disk,
+            cache: self.cache,
+            id: &self.id_bytes,
+            buf: &mut self.buf,
+            limiter: &mut self.limiter,
+            metrics: &self.metrics,
+        };
+        match drain_queue_until(&mut active.queue, &active.mem, &active.interrupt, |mem, chain| {
+            req.handle_chain(mem, chain)
+        }) {
+            Ok(d) if d.completed == 0 && !d.deferred => self.metrics.no_avail_buffer.inc(),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!("block {}: queue broken: {e}", self.id);
+                self.metrics.event_fails.inc();
+                self.broken = true;
+            }
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -255,7 +317,8 @@ impl Block {
     /// cannot change; switching a writable drive to a read-only file makes writes fail with IOERR.
     /// On error the old file stays in place.
     pub fn update_backing(&mut self, path: impl AsRef<Path>, read_only: bool) -> Result<(), BlockError> {
-        let disk = Disk::open(path.as_ref(), read_only)?;
+        self.metrics.update_count.inc();
+        let disk = Disk::open(path.as_ref(), read_only).inspect_err(|_| self.metrics.update_fails.inc())?;
         tracing::info!(
             "block {}: backing file now {} ({} sectors{})",
             self.id,
@@ -280,58 +343,102 @@ impl Block {
     }
 }
 
-/// Completes one chain; returns the used length.
-fn handle_chain(
-    disk: &Disk,
+/// What serving requests needs, borrowed from the device for one pass over the queue.
+struct Requests<'d> {
+    disk: &'d Disk,
     cache: CacheType,
-    id: &[u8; ID_BYTES],
-    buf: &mut [u8],
-    mem: &GuestMemory,
-    chain: Chain<'_>,
-) -> u32 {
-    // The chain iterator stops at queue-size descriptors (loops) and at 4 GiB in total.
-    let descs: Vec<Descriptor> = chain.collect();
-    let Some((status, rest)) = descs.split_last() else {
-        tracing::debug!("block: empty descriptor chain");
-        return 0;
-    };
-    // The status byte is the last byte of the last descriptor, which must be device-writable.
-    let status_addr = match (status.is_write_only(), status.len().checked_sub(1)) {
-        (true, Some(last)) => status.addr().checked_add(u64::from(last)),
-        _ => None,
-    };
-    let Some(status_addr) = status_addr.filter(|a| GuestMemoryBackend::check_range(mem, *a, 1)) else {
-        tracing::debug!("block: request without a usable status descriptor");
-        return 0;
-    };
-    let (code, written) = match execute(disk, cache, id, buf, mem, rest) {
-        Ok(written) => (VIRTIO_BLK_S_OK, written),
-        Err(e) => {
-            match &e {
-                ReqError::Invalid(why) => tracing::debug!("block: invalid request: {why}"),
-                ReqError::Io(err) => tracing::warn!("block: I/O error on {}: {err}", disk.path.display()),
-                ReqError::Unsupported(t) => tracing::debug!("block: unsupported request type {t}"),
-            }
-            (e.status(), 0)
-        }
-    };
-    if mem.write_obj(code, status_addr).is_err() {
-        return 0;
-    }
-    written.saturating_add(1)
+    id: &'d [u8; ID_BYTES],
+    buf: &'d mut [u8],
+    limiter: &'d mut LimiterSlot,
+    metrics: &'d BlockMetrics,
 }
 
-/// Runs a request whose status descriptor was already split off. Returns the number of bytes
-/// written into guest memory.
-fn execute(
-    disk: &Disk,
-    cache: CacheType,
-    id: &[u8; ID_BYTES],
-    buf: &mut [u8],
-    mem: &GuestMemory,
-    descs: &[Descriptor],
-) -> Result<u32, ReqError> {
-    let (header, data) = descs.split_first().ok_or(ReqError::Invalid("no header"))?;
+/// A request's header, parsed.
+#[derive(Clone, Copy)]
+struct Header {
+    req_type: u32,
+    sector: u64,
+}
+
+impl Requests<'_> {
+    /// Completes one chain and returns the used length, or `None` when the rate limiter says
+    /// "not now".
+    fn handle_chain(&mut self, mem: &GuestMemory, chain: Chain<'_>) -> Option<u32> {
+        // The chain iterator stops at queue-size descriptors (loops) and at 4 GiB in total.
+        let descs: Vec<Descriptor> = chain.collect();
+        let Some((status, rest)) = descs.split_last() else {
+            tracing::debug!("block: empty descriptor chain");
+            self.metrics.invalid_reqs_count.inc();
+            return Some(0);
+        };
+        // The status byte is the last byte of the last descriptor, which must be device-writable.
+        let status_addr = match (status.is_write_only(), status.len().checked_sub(1)) {
+            (true, Some(last)) => status.addr().checked_add(u64::from(last)),
+            _ => None,
+        };
+        let Some(status_addr) = status_addr.filter(|a| GuestMemoryBackend::check_range(mem, *a, 1)) else {
+            tracing::debug!("block: request without a usable status descriptor");
+            self.metrics.invalid_reqs_count.inc();
+            return Some(0);
+        };
+        let header = parse_header(mem, rest);
+        let data = rest.get(1..).unwrap_or_default();
+        let data_len: u64 = data.iter().map(|d| u64::from(d.len())).sum();
+        let req_type = header.as_ref().map_or(u32::MAX, |h| h.req_type);
+        let is_io = req_type == VIRTIO_BLK_T_IN || req_type == VIRTIO_BLK_T_OUT;
+        if !self.limiter.consume(if is_io { data_len } else { 0 }, 1) {
+            self.metrics.rate_limiter_throttled_events.inc();
+            return None;
+        }
+        let started = Instant::now();
+        let result = header.and_then(|h| execute(self.disk, self.cache, self.id, self.buf, mem, &h, data));
+        let (code, written) = match result {
+            Ok(written) => {
+                let m = self.metrics;
+                match req_type {
+                    VIRTIO_BLK_T_IN => {
+                        m.read_count.inc();
+                        m.read_bytes.add(data_len);
+                        m.read_agg.record_since(started);
+                    }
+                    VIRTIO_BLK_T_OUT => {
+                        m.write_count.inc();
+                        m.write_bytes.add(data_len);
+                        m.write_agg.record_since(started);
+                    }
+                    VIRTIO_BLK_T_FLUSH => m.flush_count.inc(),
+                    _ => {}
+                }
+                (VIRTIO_BLK_S_OK, written)
+            }
+            Err(e) => {
+                match &e {
+                    ReqError::Invalid(why) => {
+                        tracing::debug!("block: invalid request: {why}");
+                        self.metrics.invalid_reqs_count.inc();
+                    }
+                    ReqError::Io(err) => {
+                        tracing::warn!("block: I/O error on {}: {err}", self.disk.path.display());
+                        self.metrics.execute_fails.inc();
+                    }
+                    ReqError::Unsupported(t) => {
+                        tracing::debug!("block: unsupported request type {t}");
+                        self.metrics.execute_fails.inc();
+                    }
+                }
+                (e.status(), 0)
+            }
+        };
+        if mem.write_obj(code, status_addr).is_err() {
+            return Some(0);
+        }
+        Some(written.saturating_add(1))
+    }
+}
+
+/// Reads the request header (the first descriptor of a chain whose status was split off).
+fn parse_header(mem: &GuestMemory, descs: &[Descriptor]) -> Result<Header, ReqError> {
+    let header = descs.first().ok_or(ReqError::Invalid("no header"))?;
     if header.is_write_only() || header.len() < HEADER_LEN {
         return Err(ReqError::Invalid("header not readable or shorter than 16 bytes"));
     }
@@ -339,7 +446,21 @@ fn execute(
     mem.read_slice(&mut hdr, header.addr()).map_err(|_| ReqError::Invalid("header outside memory"))?;
     let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
     let sector = u64::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15]]);
+    Ok(Header { req_type, sector })
+}
 
+/// Runs a request whose header was parsed; `data` are the descriptors between the header and the
+/// status. Returns the number of bytes written into guest memory.
+fn execute(
+    disk: &Disk,
+    cache: CacheType,
+    id: &[u8; ID_BYTES],
+    buf: &mut [u8],
+    mem: &GuestMemory,
+    header: &Header,
+    data: &[Descriptor],
+) -> Result<u32, ReqError> {
+    let Header { req_type, sector } = *header;
     match req_type {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
             let is_read = req_type == VIRTIO_BLK_T_IN;
@@ -482,7 +603,7 @@ impl VirtioDevice for Block {
         acked_features: u64,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let queue = super::single_queue(queues)?;
+        let queue = super::single_queue(queues).inspect_err(|_| self.metrics.activate_fails.inc())?;
         self.acked_features = acked_features;
         self.broken = false;
         self.active = Some(Active { mem, interrupt, queue });
@@ -490,17 +611,28 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, index: usize) {
-        if index != 0 || self.broken {
+        if index != 0 {
             return;
         }
-        let Some(active) = self.active.as_mut() else { return };
-        let (disk, cache, id, buf) = (&self.disk, self.cache, &self.id_bytes, &mut self.buf);
-        let result = drain_queue(&mut active.queue, &active.mem, &active.interrupt, |mem, chain| {
-            handle_chain(disk, cache, id, buf, mem, chain)
-        });
-        if let Err(e) = result {
-            tracing::error!("block {}: queue broken: {e}", self.id);
-            self.broken = true;
+        self.metrics.queue_event_count.inc();
+        // While the rate limiter holds the queue, its timer resumes it.
+        self.run_queue();
+    }
+
+    fn host_fds(&self) -> Vec<(std::os::unix::io::RawFd, u32)> {
+        match self.active {
+            Some(_) => self.limiter.host_fd(RATE_LIMITER_TOKEN).into_iter().collect(),
+            None => Vec::new(),
+        }
+    }
+
+    fn process_host_event(&mut self, token: u32) {
+        if token != RATE_LIMITER_TOKEN {
+            return;
+        }
+        self.metrics.rate_limiter_event_count.inc();
+        if self.limiter.timer_fired() {
+            self.run_queue();
         }
     }
 
@@ -623,6 +755,88 @@ mod tests {
             assert_eq!(self.request(VIRTIO_BLK_T_IN, 0, &[(BUF, 512, F_WRITE)]), (513, VIRTIO_BLK_S_OK));
             assert_eq!(self.guest_bytes(BUF, 512), expected(0, 512));
         }
+    }
+
+    fn limit(bandwidth: Option<(u64, u64)>, ops: Option<(u64, u64)>) -> Option<RateLimiterConfig> {
+        use crate::rate_limiter::TokenBucketConfig;
+        let bucket = |(size, refill_time_ms)| TokenBucketConfig { size, one_time_burst: 0, refill_time_ms };
+        Some(RateLimiterConfig { bandwidth: bandwidth.map(bucket), ops: ops.map(bucket) })
+    }
+
+    #[test]
+    fn rate_limited_reads_wait_for_the_timer_and_then_complete_in_order() {
+        use crate::rate_limiter::wait_readable;
+        use std::time::Duration;
+        let mut h = harness();
+        // 1 KiB of bandwidth, refilled in 150 ms.
+        h.blk.update_rate_limiter(limit(Some((1024, 150)), None)).unwrap();
+        let fds = h.blk.host_fds();
+        assert_eq!(fds.len(), 1, "the limiter's timer is listed");
+        assert_eq!(fds[0].1, RATE_LIMITER_TOKEN);
+        // Four 512-byte reads of sectors 0..4 at once: two fit the bucket.
+        for i in 0..4u64 {
+            let hdr = HDR + 0x100 * i;
+            let mut b = [0u8; 16];
+            b[8..16].copy_from_slice(&i.to_le_bytes());
+            h.mem.write_slice(&b, GuestAddress(hdr)).unwrap();
+            h.tq.add_chain(
+                &h.mem,
+                &[(hdr, 16, 0), (BUF + 0x1000 * i, 512, F_WRITE), (STATUS + i, 1, F_WRITE)],
+            );
+        }
+        let t0 = Instant::now();
+        h.blk.process_queue(0);
+        assert_eq!(h.tq.used_idx(&h.mem), 2, "only what the bucket allows is served");
+        let m = h.blk.metrics_handle();
+        assert_eq!((m.read_count.get(), m.read_bytes.get()), (2, 1024));
+        assert_eq!(m.rate_limiter_throttled_events.get(), 1);
+        // A guest kick while throttled changes nothing.
+        h.blk.process_queue(0);
+        assert_eq!(h.tq.used_idx(&h.mem), 2);
+        // The timer fires once the next 512 bytes are there (~75 ms), and the device resumes.
+        let mut served_at = Vec::new();
+        while h.tq.used_idx(&h.mem) < 4 {
+            assert!(
+                wait_readable(h.blk.host_fds()[0].0, Duration::from_millis(500)),
+                "the timer never fired"
+            );
+            h.blk.process_host_event(RATE_LIMITER_TOKEN);
+            served_at.push((h.tq.used_idx(&h.mem), t0.elapsed()));
+        }
+        let total = t0.elapsed();
+        assert!(total >= Duration::from_millis(130) && total < Duration::from_millis(450), "{served_at:?}");
+        // In order, each with its own data.
+        for i in 0..4u16 {
+            assert_eq!(h.tq.used_elem(&h.mem, i), (u32::from(i) * 3, 513));
+            let sector = usize::from(i);
+            assert_eq!(h.guest_bytes(BUF + 0x1000 * u64::from(i), 512), expected(sector * 512, 512));
+        }
+        assert_eq!((m.read_count.get(), m.read_bytes.get()), (4, 2048));
+        assert!(m.rate_limiter_event_count.get() >= 2);
+    }
+
+    #[test]
+    fn ops_limit_counts_every_request_and_lifting_it_resumes_at_once() {
+        use crate::rate_limiter::wait_readable;
+        use std::time::Duration;
+        let mut h = harness();
+        // One request per minute: the second waits...
+        h.blk.update_rate_limiter(limit(None, Some((1, 60_000)))).unwrap();
+        h.header(VIRTIO_BLK_T_FLUSH, 0);
+        h.tq.add_chain(&h.mem, &[(HDR, 16, 0), (STATUS, 1, F_WRITE)]);
+        h.tq.add_chain(&h.mem, &[(HDR, 16, 0), (STATUS, 1, F_WRITE)]);
+        h.blk.process_queue(0);
+        assert_eq!(h.tq.used_idx(&h.mem), 1);
+        assert_eq!(h.blk.rate_limiter().and_then(|c| c.ops).map(|b| b.size), Some(1));
+        // ...until PATCH /drives lifts the limit: served within milliseconds, not a minute.
+        h.blk.update_rate_limiter(None).unwrap();
+        assert_eq!(h.blk.rate_limiter(), None);
+        assert!(wait_readable(h.blk.host_fds()[0].0, Duration::from_millis(200)));
+        h.blk.process_host_event(RATE_LIMITER_TOKEN);
+        assert_eq!(h.tq.used_idx(&h.mem), 2);
+        assert_eq!(h.blk.metrics_handle().flush_count.get(), 2);
+        h.used = 2;
+        h.assert_usable();
     }
 
     #[test]

@@ -18,6 +18,10 @@
 //!   chain) is dropped and counted. When the ring has no buffers the frame is kept, the tap is
 //!   no longer listed (so a level-triggered loop does not spin) and notifications are enabled;
 //!   the driver's next rx notify delivers it and lists the tap again.
+//! - Rate limiting (Firecracker's `rx_rate_limiter`/`tx_rate_limiter`): each frame costs one
+//!   `ops` token and its length in `bandwidth` tokens. A refused tx chain stays in the ring; a
+//!   refused rx frame stays pending and the tap is not listed. Either resumes when its limiter's
+//!   timer ([`RX_RATE_LIMITER_TOKEN`], [`TX_RATE_LIMITER_TOKEN`]) fires.
 //! - Interrupts: each pass completes everything it can and signals at most once per queue,
 //!   subject to `needs_notification` (VIRTIO_RING_F_EVENT_IDX is offered).
 //!
@@ -25,7 +29,11 @@
 //!   to it) are copied out of the tx chain and handed to a [`kiln_mmds::MmdsStack`] instead of
 //!   the tap; the frames it answers with go into the rx queue ahead of tap frames, pulled one
 //!   per free rx buffer. Its retransmission timer is a timerfd listed with [`MMDS_TIMER_TOKEN`].
-//!   Other frames take the usual zero-copy path.
+//!   Other frames take the usual zero-copy path. MMDS-bound tx frames never reach the tap, so
+//!   they spend no tx rate-limiter tokens (but wait behind a throttled chain, the ring being in
+//!   order); MMDS answers are received frames and spend rx tokens like tap frames (as in
+//!   Firecracker). Timer tokens: [`TAP_TOKEN`] 0, [`RX_RATE_LIMITER_TOKEN`] 1,
+//!   [`TX_RATE_LIMITER_TOKEN`] 2, [`MMDS_TIMER_TOKEN`] 3.
 //!
 //! Everything the guest controls is checked; nothing here panics on guest or tap input.
 //!
@@ -45,9 +53,11 @@ use std::io;
 use std::num::Wrapping;
 use std::ops::Range;
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use serde::Serialize;
 
 use kiln_mmds::MmdsStack;
 use virtio_queue::desc::split::Descriptor;
@@ -56,9 +66,11 @@ use vm_memory::volatile_memory::PtrGuard;
 use vm_memory::{Bytes, GuestMemoryBackend};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::queue_util::{drain_queue, Chain, QueueError};
+use super::queue_util::{drain_queue_until, Chain, QueueError};
 use super::{device_type, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::interrupt::VirtioInterrupt;
+use crate::metrics::{Counter, LatencyAgg};
+use crate::rate_limiter::{LimiterSlot, RateLimiterConfig, RateLimiterError};
 use crate::GuestMemory;
 use tap::Tap;
 
@@ -70,8 +82,12 @@ pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 /// The token the tap fd is listed with in [`VirtioDevice::host_fds`].
 pub const TAP_TOKEN: u32 = 0;
+/// The token of the receive rate limiter's timerfd.
+pub const RX_RATE_LIMITER_TOKEN: u32 = 1;
+/// The token of the transmit rate limiter's timerfd.
+pub const TX_RATE_LIMITER_TOKEN: u32 = 2;
 /// The token of the MMDS stack's retransmission timer in [`VirtioDevice::host_fds`].
-pub const MMDS_TIMER_TOKEN: u32 = 1;
+pub const MMDS_TIMER_TOKEN: u32 = 3;
 /// `struct virtio_net_hdr_v1`: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
 /// num_buffers.
 pub const VNET_HDR_LEN: usize = 12;
@@ -171,6 +187,12 @@ pub enum NetError {
     InvalidMtu(u16),
     #[error("cannot create the MMDS retransmission timer")]
     MmdsTimer(#[source] io::Error),
+    #[error("{which}: {source}")]
+    RateLimiter {
+        which: &'static str,
+        #[source]
+        source: RateLimiterError,
+    },
 }
 
 /// Parses a MAC address written as six two-digit hex bytes separated by `:` (or `-`), such as
@@ -198,29 +220,63 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
     format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
 }
 
-/// Traffic counters. Frame byte counts exclude the vnet header.
-#[derive(Debug, Default)]
+/// Traffic counters (Firecracker's `NetDeviceMetrics`, reported as `net_<iface_id>`; fields are
+/// serialized under Firecracker's names). Frame byte counts exclude the vnet header.
+#[derive(Debug, Default, Serialize)]
 pub struct NetMetrics {
-    /// Frames delivered to the guest.
-    pub rx_packets: AtomicU64,
-    pub rx_bytes: AtomicU64,
-    /// Frames read from the tap and dropped: too large for the guest's buffers, or malformed.
-    pub rx_dropped: AtomicU64,
-    /// Receive chains the guest got back unused because they were malformed.
-    pub rx_invalid_chains: AtomicU64,
+    pub activate_fails: Counter,
+    pub cfg_fails: Counter,
+    pub mac_address_updates: Counter,
     /// Times a frame waited because the guest had no receive buffers.
-    pub rx_no_buffers: AtomicU64,
+    #[serde(rename = "no_rx_avail_buffer")]
+    pub rx_no_buffers: Counter,
+    pub no_tx_avail_buffer: Counter,
+    pub event_fails: Counter,
+    pub rx_queue_event_count: Counter,
+    pub rx_event_rate_limiter_count: Counter,
+    /// Times the receive rate limiter held a frame back.
+    pub rx_rate_limiter_throttled: Counter,
+    pub rx_tap_event_count: Counter,
+    /// Frames delivered to the guest.
+    #[serde(rename = "rx_bytes_count")]
+    pub rx_bytes: Counter,
+    #[serde(rename = "rx_packets_count")]
+    pub rx_packets: Counter,
+    /// Frames read from the tap and dropped: too large for the guest's buffers, or malformed.
+    #[serde(rename = "rx_fails")]
+    pub rx_dropped: Counter,
+    /// Successful tap reads delivered to the guest.
+    pub rx_count: Counter,
+    /// Receive chains the guest got back unused because they were malformed (kiln addition).
+    pub rx_invalid_chains: Counter,
     /// Errors reading the tap.
-    pub rx_tap_errors: AtomicU64,
+    #[serde(rename = "tap_read_fails")]
+    pub rx_tap_errors: Counter,
+    /// Of the dropped transmit chains, frames the tap refused (full queue, bad GSO header, ...).
+    #[serde(rename = "tap_write_fails")]
+    pub tx_tap_errors: Counter,
+    pub tap_write_agg: LatencyAgg,
     /// Frames written to the tap.
-    pub tx_packets: AtomicU64,
-    pub tx_bytes: AtomicU64,
+    #[serde(rename = "tx_bytes_count")]
+    pub tx_bytes: Counter,
+    /// Of the dropped transmit chains, those that were malformed (wrong direction, outside
+    /// memory, too long/short).
+    #[serde(rename = "tx_malformed_frames")]
+    pub tx_invalid_chains: Counter,
     /// Transmit chains not sent: malformed, too long, or refused by the tap.
-    pub tx_dropped: AtomicU64,
-    /// Of those, chains that were malformed (wrong direction, outside memory, too long/short).
-    pub tx_invalid_chains: AtomicU64,
-    /// Of those, frames the tap refused (full queue, bad GSO header, ...).
-    pub tx_tap_errors: AtomicU64,
+    #[serde(rename = "tx_fails")]
+    pub tx_dropped: Counter,
+    /// Successful tap writes.
+    pub tx_count: Counter,
+    #[serde(rename = "tx_packets_count")]
+    pub tx_packets: Counter,
+    pub tx_partial_reads: Counter,
+    pub tx_queue_event_count: Counter,
+    pub tx_rate_limiter_event_count: Counter,
+    /// Times the transmit rate limiter held a chain back.
+    pub tx_rate_limiter_throttled: Counter,
+    pub tx_spoofed_mac_count: Counter,
+    pub tx_remaining_reqs_count: Counter,
 }
 
 /// A plain copy of [`NetMetrics`] at one moment.
@@ -241,7 +297,7 @@ pub struct NetMetricsSnapshot {
 
 impl NetMetrics {
     pub fn snapshot(&self) -> NetMetricsSnapshot {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let g = Counter::get;
         NetMetricsSnapshot {
             rx_packets: g(&self.rx_packets),
             rx_bytes: g(&self.rx_bytes),
@@ -258,8 +314,8 @@ impl NetMetrics {
     }
 }
 
-fn inc(c: &AtomicU64, by: u64) {
-    c.fetch_add(by, Ordering::Relaxed);
+fn inc(c: &Counter, by: u64) {
+    c.add(by);
 }
 
 struct Active {
@@ -310,31 +366,40 @@ impl MmdsPath {
         }
     }
 
-    /// Sends one tx chain: to the MMDS stack if it is for MMDS, to the tap otherwise.
-    fn transmit(&mut self, tap: &Tap, metrics: &NetMetrics, mem: &GuestMemory, chain: Chain<'_>) {
+    /// Sends one tx chain: to the MMDS stack if it is for MMDS, to the tap otherwise. Only frames
+    /// for the tap spend `limiter` tokens (and may be held back: `None`); MMDS frames never leave
+    /// the VMM, so the tap's rate limit does not apply to them.
+    fn transmit(
+        &mut self,
+        tap: &Tap,
+        metrics: &NetMetrics,
+        limiter: &mut LimiterSlot,
+        mem: &GuestMemory,
+        chain: Chain<'_>,
+    ) -> Option<u32> {
         self.descs.clear();
         self.descs.extend(chain);
         let mut prefix = [0u8; VNET_HDR_LEN + MmdsStack::CLASSIFY_PREFIX];
         let seen = gather(mem, &self.descs, &mut prefix);
         let for_mmds = seen > VNET_HDR_LEN && self.stack.is_for_mmds(&prefix[VNET_HDR_LEN..seen]);
         if !for_mmds {
-            transmit_descs(tap, metrics, mem, &self.descs);
-            return;
+            return transmit_descs(tap, metrics, limiter, mem, &self.descs);
         }
         let total = self.descs.iter().map(|d| d.len() as usize).fold(0usize, usize::saturating_add);
         if total > VNET_HDR_LEN + MAX_FRAME_LEN || self.descs.iter().any(|d| d.is_write_only()) {
             tracing::debug!("net: invalid tx chain for MMDS");
             inc(&metrics.tx_dropped, 1);
             inc(&metrics.tx_invalid_chains, 1);
-            return;
+            return Some(0);
         }
         self.frame.resize(total, 0);
         if gather(mem, &self.descs, &mut self.frame) != total {
             inc(&metrics.tx_dropped, 1);
             inc(&metrics.tx_invalid_chains, 1);
-            return;
+            return Some(0);
         }
         self.stack.handle_frame(&self.frame[VNET_HDR_LEN..], Instant::now());
+        Some(0)
     }
 }
 
@@ -368,6 +433,8 @@ pub struct Net {
     active: Option<Active>,
     broken: bool,
     rx: RxState,
+    rx_limiter: LimiterSlot,
+    tx_limiter: LimiterSlot,
     metrics: Arc<NetMetrics>,
     mmds: Option<MmdsPath>,
 }
@@ -476,6 +543,8 @@ impl Net {
                 descs: Vec::new(),
                 parts: Vec::new(),
             },
+            rx_limiter: LimiterSlot::default(),
+            tx_limiter: LimiterSlot::default(),
             metrics: Arc::new(NetMetrics::default()),
             mmds: None,
         }
@@ -483,7 +552,7 @@ impl Net {
 
     /// Routes this interface's frames for the MMDS address to `stack` instead of the tap.
     pub fn attach_mmds(&mut self, stack: MmdsStack) -> Result<(), NetError> {
-        let timer = super::balloon::nonblocking_timer().map_err(NetError::MmdsTimer)?;
+        let timer = crate::rate_limiter::nonblocking_timer().map_err(NetError::MmdsTimer)?;
         self.mmds = Some(MmdsPath { stack, timer, frame: Vec::new(), descs: Vec::new() });
         Ok(())
     }
@@ -533,6 +602,29 @@ impl Net {
         Arc::clone(&self.metrics)
     }
 
+    /// The receive and transmit limits in force (`None`: not limited).
+    pub fn rate_limiters(&self) -> (Option<RateLimiterConfig>, Option<RateLimiterConfig>) {
+        (self.rx_limiter.config(), self.tx_limiter.config())
+    }
+
+    /// Sets or replaces both rate limiters (`None` or zero-sized buckets: no limit), before boot or
+    /// while the guest runs (`PATCH /network-interfaces`). Traffic stopped by the old limits is
+    /// looked at again within a millisecond. On error nothing changed.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: Option<RateLimiterConfig>,
+        tx: Option<RateLimiterConfig>,
+    ) -> Result<(), NetError> {
+        let err = |which| move |source| NetError::RateLimiter { which, source };
+        for (cfg, which) in [(rx, "rx_rate_limiter"), (tx, "tx_rate_limiter")] {
+            for b in cfg.iter().flat_map(|c| [c.bandwidth, c.ops]).flatten() {
+                crate::rate_limiter::validate_bucket(&b).map_err(err(which))?;
+            }
+        }
+        self.rx_limiter.update(rx).map_err(err("rx_rate_limiter"))?;
+        self.tx_limiter.update(tx).map_err(err("tx_rate_limiter"))
+    }
+
     fn config_space(&self) -> [u8; CONFIG_SPACE_LEN] {
         let mut cfg = [0u8; CONFIG_SPACE_LEN];
         if let Some(mac) = self.mac {
@@ -563,20 +655,28 @@ impl Net {
     }
 
     fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else { return };
-        let (tap, metrics) = (&self.tap, &*self.metrics);
-        let mut mmds = self.mmds.as_mut();
-        let result = drain_queue(&mut active.tx, &active.mem, &active.interrupt, |mem, chain| {
-            match mmds.as_deref_mut() {
-                Some(m) => m.transmit(tap, metrics, mem, chain),
-                None => transmit(tap, metrics, mem, chain),
-            }
-            0
-        });
-        if let Err(e) = result {
-            tracing::error!("net {}: tx queue broken: {e}", self.id);
-            self.broken = true;
+        if self.tx_limiter.is_blocked() {
             return;
+        }
+        let Some(active) = self.active.as_mut() else { return };
+        let (tap, metrics, limiter) = (&self.tap, &*self.metrics, &mut self.tx_limiter);
+        let mut mmds = self.mmds.as_mut();
+        let result =
+            drain_queue_until(&mut active.tx, &active.mem, &active.interrupt, |mem, chain| {
+                match mmds.as_deref_mut() {
+                    Some(m) => m.transmit(tap, metrics, limiter, mem, chain),
+                    None => transmit(tap, metrics, limiter, mem, chain),
+                }
+            });
+        match result {
+            Ok(d) if d.completed == 0 && !d.deferred => metrics.no_tx_avail_buffer.inc(),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!("net {}: tx queue broken: {e}", self.id);
+                metrics.event_fails.inc();
+                self.broken = true;
+                return;
+            }
         }
         // MMDS may have answers for the guest now.
         if self.mmds.as_ref().is_some_and(|m| m.stack.has_frames()) {
@@ -594,7 +694,7 @@ impl Net {
     fn process_rx(&mut self) {
         let Some(active) = self.active.as_mut() else { return };
         let stack = self.mmds.as_mut().map(|m| &mut m.stack);
-        match receive(&self.tap, stack, &mut self.rx, &self.metrics, active) {
+        match receive(&self.tap, stack, &mut self.rx, &mut self.rx_limiter, &self.metrics, active) {
             Ok(delivered) => {
                 if delivered > 0 {
                     match active.rx.needs_notification(&active.mem) {
@@ -619,41 +719,66 @@ impl Net {
     }
 }
 
-/// Writes one tx chain to the tap, straight from guest memory, counting the outcome.
-fn transmit(tap: &Tap, metrics: &NetMetrics, mem: &GuestMemory, chain: Chain<'_>) {
-    write_to_tap(tap, metrics, mem, chain);
+/// Writes one tx chain to the tap, straight from guest memory, counting the outcome. Returns the
+/// used length, or `None` when the rate limiter holds the chain back.
+fn transmit(
+    tap: &Tap,
+    metrics: &NetMetrics,
+    limiter: &mut LimiterSlot,
+    mem: &GuestMemory,
+    chain: Chain<'_>,
+) -> Option<u32> {
+    write_to_tap(tap, metrics, limiter, mem, chain)
 }
 
 /// [`transmit`] for a chain whose descriptors were already collected.
-fn transmit_descs(tap: &Tap, metrics: &NetMetrics, mem: &GuestMemory, descs: &[Descriptor]) {
-    write_to_tap(tap, metrics, mem, descs.iter().copied());
+fn transmit_descs(
+    tap: &Tap,
+    metrics: &NetMetrics,
+    limiter: &mut LimiterSlot,
+    mem: &GuestMemory,
+    descs: &[Descriptor],
+) -> Option<u32> {
+    write_to_tap(tap, metrics, limiter, mem, descs.iter().copied())
 }
 
 fn write_to_tap(
     tap: &Tap,
     metrics: &NetMetrics,
+    limiter: &mut LimiterSlot,
     mem: &GuestMemory,
     descs: impl IntoIterator<Item = Descriptor>,
-) {
+) -> Option<u32> {
     let mut pieces = Vec::with_capacity(4);
     match tx_pieces(mem, descs, &mut pieces) {
-        Ok(len) => match tap.write_pieces(&pieces, len) {
-            Ok(()) => {
-                inc(&metrics.tx_packets, 1);
-                inc(&metrics.tx_bytes, (len - VNET_HDR_LEN) as u64);
+        Ok(len) if !limiter.consume((len - VNET_HDR_LEN) as u64, 1) => {
+            inc(&metrics.tx_rate_limiter_throttled, 1);
+            return None;
+        }
+        Ok(len) => {
+            let started = Instant::now();
+            let written = tap.write_pieces(&pieces, len);
+            metrics.tap_write_agg.record_since(started);
+            match written {
+                Ok(()) => {
+                    inc(&metrics.tx_packets, 1);
+                    inc(&metrics.tx_count, 1);
+                    inc(&metrics.tx_bytes, (len - VNET_HDR_LEN) as u64);
+                }
+                Err(e) => {
+                    tracing::debug!("net: tap refused a {len}-byte frame: {e}");
+                    inc(&metrics.tx_dropped, 1);
+                    inc(&metrics.tx_tap_errors, 1);
+                }
             }
-            Err(e) => {
-                tracing::debug!("net: tap refused a {len}-byte frame: {e}");
-                inc(&metrics.tx_dropped, 1);
-                inc(&metrics.tx_tap_errors, 1);
-            }
-        },
+        }
         Err(why) => {
             tracing::debug!("net: invalid tx chain: {why}");
             inc(&metrics.tx_dropped, 1);
             inc(&metrics.tx_invalid_chains, 1);
         }
     }
+    Some(0)
 }
 
 /// Checks a tx chain (vnet header + frame: device-readable, inside guest memory, at most
@@ -771,6 +896,7 @@ fn receive(
     tap: &Tap,
     mut mmds: Option<&mut MmdsStack>,
     rx: &mut RxState,
+    limiter: &mut LimiterSlot,
     metrics: &NetMetrics,
     active: &mut Active,
 ) -> Result<usize, QueueError> {
@@ -806,14 +932,23 @@ fn receive(
             inc(&metrics.rx_dropped, 1);
             continue;
         }
+        let bytes = (len - VNET_HDR_LEN) as u64;
+        if !limiter.consume(bytes, 1) {
+            // Held until the limiter's timer fires; the tap is not listed meanwhile.
+            rx.pending = Some(len);
+            inc(&metrics.rx_rate_limiter_throttled, 1);
+            break;
+        }
         match deliver(rx, len, metrics, active)? {
             Delivery::Delivered => {
                 delivered += 1;
                 inc(&metrics.rx_packets, 1);
-                inc(&metrics.rx_bytes, (len - VNET_HDR_LEN) as u64);
+                inc(&metrics.rx_count, 1);
+                inc(&metrics.rx_bytes, bytes);
             }
             Delivery::Dropped => inc(&metrics.rx_dropped, 1),
             Delivery::NoBuffers => {
+                limiter.give_back(bytes, 1);
                 rx.pending = Some(len);
                 rx.waiting = true;
                 inc(&metrics.rx_no_buffers, 1);
@@ -930,10 +1065,12 @@ impl VirtioDevice for Net {
     ) -> Result<(), ActivateError> {
         let got = queues.len();
         let Ok([rx, tx]) = <[Queue; 2]>::try_from(queues) else {
+            self.metrics.activate_fails.inc();
             return Err(ActivateError::QueueCount { expected: 2, got });
         };
         let offloads = self.offloads_for(acked_features);
         if let Err(e) = self.tap.set_offload(offloads) {
+            self.metrics.activate_fails.inc();
             return Err(ActivateError::Other(format!(
                 "net {}: cannot set offloads {offloads:#x} on tap {}: {e}",
                 self.id,
@@ -961,11 +1098,15 @@ impl VirtioDevice for Net {
         match index {
             RX_QUEUE => {
                 // New buffers: deliver what waits and watch the tap again.
+                self.metrics.rx_queue_event_count.inc();
                 self.rx.waiting = false;
                 self.process_rx();
                 self.rearm_mmds();
             }
-            TX_QUEUE => self.process_tx(),
+            TX_QUEUE => {
+                self.metrics.tx_queue_event_count.inc();
+                self.process_tx();
+            }
             _ => {}
         }
     }
@@ -995,13 +1136,15 @@ impl VirtioDevice for Net {
     }
 
     fn host_fds(&self) -> Vec<(RawFd, u32)> {
-        let mut fds = Vec::new();
         if self.active.is_none() || self.broken {
-            return fds;
+            return Vec::new();
         }
-        if !self.rx.waiting {
+        let mut fds = Vec::with_capacity(4);
+        if !self.rx.waiting && !self.rx_limiter.is_blocked() {
             fds.push((self.tap.raw_fd(), TAP_TOKEN));
         }
+        fds.extend(self.rx_limiter.host_fd(RX_RATE_LIMITER_TOKEN));
+        fds.extend(self.tx_limiter.host_fd(TX_RATE_LIMITER_TOKEN));
         if let Some(m) = &self.mmds {
             fds.push((m.timer.as_raw_fd(), MMDS_TIMER_TOKEN));
         }
@@ -1013,7 +1156,22 @@ impl VirtioDevice for Net {
             return;
         }
         match token {
-            TAP_TOKEN if !self.rx.waiting => self.process_rx(),
+            TAP_TOKEN if !self.rx.waiting && !self.rx_limiter.is_blocked() => {
+                self.metrics.rx_tap_event_count.inc();
+                self.process_rx();
+            }
+            RX_RATE_LIMITER_TOKEN => {
+                self.metrics.rx_event_rate_limiter_count.inc();
+                if self.rx_limiter.timer_fired() {
+                    self.process_rx();
+                }
+            }
+            TX_RATE_LIMITER_TOKEN => {
+                self.metrics.tx_rate_limiter_event_count.inc();
+                if self.tx_limiter.timer_fired() {
+                    self.process_tx();
+                }
+            }
             MMDS_TIMER_TOKEN => {
                 if let Some(m) = self.mmds.as_mut() {
                     // Consume the expiration so the (level-triggered) fd stops being readable.

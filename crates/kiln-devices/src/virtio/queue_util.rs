@@ -4,7 +4,7 @@
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 
 use crate::interrupt::VirtioInterrupt;
 use crate::GuestMemory;
@@ -29,13 +29,40 @@ pub fn drain_queue<'a>(
     interrupt: &VirtioInterrupt,
     mut handle: impl FnMut(&'a GuestMemory, Chain<'a>) -> u32,
 ) -> Result<usize, QueueError> {
+    drain_queue_until(queue, mem, interrupt, |mem, chain| Some(handle(mem, chain))).map(|d| d.completed)
+}
+
+/// What [`drain_queue_until`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Chains completed.
+    pub completed: usize,
+    /// The handler deferred a chain: it is back in the ring, first in line, and the queue is left
+    /// with notifications disabled (the device resumes on its own, e.g. from a rate-limiter timer).
+    pub deferred: bool,
+}
+
+/// Like [`drain_queue`], but `handle` may answer `None` for "not now": that chain is put back
+/// and processing stops.
+pub fn drain_queue_until<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemory,
+    interrupt: &VirtioInterrupt,
+    mut handle: impl FnMut(&'a GuestMemory, Chain<'a>) -> Option<u32>,
+) -> Result<Drained, QueueError> {
     let mut completed = 0usize;
-    loop {
+    let mut deferred = false;
+    'passes: loop {
         queue.disable_notification(mem).map_err(QueueError::Queue)?;
         let mut popped = 0usize;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            let len = handle(mem, chain);
+            let Some(len) = handle(mem, chain) else {
+                queue.go_to_previous_position();
+                completed += popped;
+                deferred = true;
+                break 'passes;
+            };
             queue.add_used(mem, head, len).map_err(QueueError::Queue)?;
             popped += 1;
         }
@@ -59,7 +86,7 @@ pub fn drain_queue<'a>(
             tracing::warn!("virtio: failed to raise the used-buffer interrupt: {e}");
         }
     }
-    Ok(completed)
+    Ok(Drained { completed, deferred })
 }
 
 /// Hand-built split virtqueues in guest memory, for device tests.

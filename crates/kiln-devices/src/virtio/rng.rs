@@ -1,16 +1,23 @@
 //! virtio-entropy (virtio-rng): one queue; every chain of device-writable buffers is filled with
 //! bytes from the host's `getrandom(2)`, at most [`MAX_BYTES_PER_REQUEST`] per chain. Chains with
 //! a device-readable descriptor, or buffers outside guest memory, complete with used length 0.
+//!
+//! Rate limiting (Firecracker's `entropy.rate_limiter`): each request costs one `ops` token and
+//! the bytes it asks for (up to [`MAX_BYTES_PER_REQUEST`]) in `bandwidth` tokens; a refused request
+//! stays in the ring until the limiter's timer ([`RATE_LIMITER_TOKEN`]) fires.
 
 use std::io;
+use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::queue_util::{drain_queue, Chain};
+use super::queue_util::{drain_queue_until, Chain};
 use super::{device_type, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::interrupt::VirtioInterrupt;
+use crate::metrics::EntropyMetrics;
+use crate::rate_limiter::{LimiterSlot, RateLimiterConfig, RateLimiterError};
 use crate::GuestMemory;
 
 /// Queue size offered to the driver.
@@ -18,11 +25,15 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Bytes handed out per request at most; a driver asking for more gets this much (the used
 /// length tells it).
 pub const MAX_BYTES_PER_REQUEST: usize = 64 << 10;
+/// The token the rate limiter's timerfd is listed with in [`VirtioDevice::host_fds`].
+pub const RATE_LIMITER_TOKEN: u32 = 0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RngError {
     #[error("getrandom failed")]
     Getrandom(#[source] io::Error),
+    #[error("rate_limiter: {0}")]
+    RateLimiter(#[source] RateLimiterError),
 }
 
 /// Fills `buf` from the kernel's CSPRNG.
@@ -57,6 +68,8 @@ pub struct Rng {
     active: Option<Active>,
     broken: bool,
     buf: Vec<u8>,
+    limiter: LimiterSlot,
+    metrics: Arc<EntropyMetrics>,
 }
 
 impl std::fmt::Debug for Rng {
@@ -73,16 +86,61 @@ impl Rng {
     pub fn new() -> Result<Rng, RngError> {
         let mut probe = [0u8; 16];
         getrandom(&mut probe).map_err(RngError::Getrandom)?;
-        Ok(Rng { active: None, broken: false, buf: vec![0; MAX_BYTES_PER_REQUEST] })
+        Ok(Rng {
+            active: None,
+            broken: false,
+            buf: vec![0; MAX_BYTES_PER_REQUEST],
+            limiter: LimiterSlot::default(),
+            metrics: Arc::new(EntropyMetrics::default()),
+        })
+    }
+
+    /// The device's counters, for the VMM's metrics.
+    pub fn metrics_handle(&self) -> Arc<EntropyMetrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// The rate limiter's settings (`None`: not limited).
+    pub fn rate_limiter(&self) -> Option<RateLimiterConfig> {
+        self.limiter.config()
+    }
+
+    /// Sets or replaces the rate limiter (`None` or zero-sized buckets: no limit).
+    pub fn update_rate_limiter(&mut self, cfg: Option<RateLimiterConfig>) -> Result<(), RngError> {
+        self.limiter.update(cfg).map_err(RngError::RateLimiter)
+    }
+
+    /// Serves what the ring holds, within the rate limit.
+    fn run_queue(&mut self) {
+        if self.broken || self.limiter.is_blocked() {
+            return;
+        }
+        let Some(active) = self.active.as_mut() else { return };
+        let (buf, limiter, metrics) = (&mut self.buf, &mut self.limiter, &*self.metrics);
+        let result = drain_queue_until(&mut active.queue, &active.mem, &active.interrupt, |mem, chain| {
+            handle_chain(buf, limiter, metrics, mem, chain)
+        });
+        if let Err(e) = result {
+            tracing::error!("rng: queue broken: {e}");
+            metrics.entropy_event_fails.inc();
+            self.broken = true;
+        }
     }
 }
 
-/// Fills one chain; returns the used length.
-fn handle_chain(buf: &mut [u8], mem: &GuestMemory, chain: Chain<'_>) -> u32 {
+/// Fills one chain; returns the used length, or `None` when the rate limiter says "not now".
+fn handle_chain(
+    buf: &mut [u8],
+    limiter: &mut LimiterSlot,
+    metrics: &EntropyMetrics,
+    mem: &GuestMemory,
+    chain: Chain<'_>,
+) -> Option<u32> {
     let descs: Vec<Descriptor> = chain.collect();
     if descs.iter().any(|d| !d.is_write_only()) {
         tracing::debug!("rng: chain with a device-readable descriptor");
-        return 0;
+        metrics.entropy_event_fails.inc();
+        return Some(0);
     }
     // What to fill: the first MAX_BYTES_PER_REQUEST bytes of the chain's buffers.
     let mut budget = MAX_BYTES_PER_REQUEST;
@@ -94,7 +152,8 @@ fn handle_chain(buf: &mut [u8], mem: &GuestMemory, chain: Chain<'_>) -> u32 {
         let n = (d.len() as usize).min(budget);
         if !GuestMemoryBackend::check_range(mem, d.addr(), n) {
             tracing::debug!("rng: buffer outside guest memory");
-            return 0;
+            metrics.entropy_event_fails.inc();
+            return Some(0);
         }
         if n > 0 {
             targets.push((d.addr(), n));
@@ -102,20 +161,28 @@ fn handle_chain(buf: &mut [u8], mem: &GuestMemory, chain: Chain<'_>) -> u32 {
         budget -= n;
     }
     let total = MAX_BYTES_PER_REQUEST - budget;
+    if !limiter.consume(total as u64, 1) {
+        metrics.entropy_rate_limiter_throttled.inc();
+        return None;
+    }
+    metrics.entropy_event_count.inc();
     let random = &mut buf[..total];
     if let Err(e) = getrandom(random) {
         tracing::warn!("rng: getrandom failed: {e}");
-        return 0;
+        metrics.host_rng_fails.inc();
+        return Some(0);
     }
     let mut at = 0;
     for (addr, n) in targets {
         if mem.write_slice(&random[at..at + n], addr).is_err() {
-            return u32::try_from(at).unwrap_or(0);
+            metrics.entropy_bytes.add(at as u64);
+            return Some(u32::try_from(at).unwrap_or(0));
         }
         at += n;
     }
+    metrics.entropy_bytes.add(total as u64);
     // total <= 64 KiB.
-    u32::try_from(total).unwrap_or(0)
+    Some(u32::try_from(total).unwrap_or(0))
 }
 
 impl VirtioDevice for Rng {
@@ -141,24 +208,33 @@ impl VirtioDevice for Rng {
         _acked_features: u64,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let queue = super::single_queue(queues)?;
+        let queue = super::single_queue(queues).inspect_err(|_| self.metrics.activate_fails.inc())?;
         self.broken = false;
         self.active = Some(Active { mem, interrupt, queue });
         Ok(())
     }
 
     fn process_queue(&mut self, index: usize) {
-        if index != 0 || self.broken {
+        if index == 0 {
+            // While the rate limiter holds the queue, its timer resumes it.
+            self.run_queue();
+        }
+    }
+
+    fn host_fds(&self) -> Vec<(std::os::unix::io::RawFd, u32)> {
+        match self.active {
+            Some(_) => self.limiter.host_fd(RATE_LIMITER_TOKEN).into_iter().collect(),
+            None => Vec::new(),
+        }
+    }
+
+    fn process_host_event(&mut self, token: u32) {
+        if token != RATE_LIMITER_TOKEN {
             return;
         }
-        let Some(active) = self.active.as_mut() else { return };
-        let buf = &mut self.buf;
-        let result = drain_queue(&mut active.queue, &active.mem, &active.interrupt, |mem, chain| {
-            handle_chain(buf, mem, chain)
-        });
-        if let Err(e) = result {
-            tracing::error!("rng: queue broken: {e}");
-            self.broken = true;
+        self.metrics.rate_limiter_event_count.inc();
+        if self.limiter.timer_fired() {
+            self.run_queue();
         }
     }
 
@@ -248,6 +324,34 @@ mod tests {
         }
         assert_eq!(tq.used_elem(&mem, 4).1, 16);
         assert!(!rng.needs_reset());
+    }
+
+    #[test]
+    fn rate_limited_entropy_waits_for_the_timer() {
+        use crate::rate_limiter::{wait_readable, TokenBucketConfig};
+        use std::time::{Duration, Instant};
+        let (mut rng, mem, mut tq, _) = setup();
+        // 256 bytes per 100 ms.
+        let bw = TokenBucketConfig { size: 256, one_time_burst: 0, refill_time_ms: 100 };
+        rng.update_rate_limiter(Some(RateLimiterConfig { bandwidth: Some(bw), ops: None })).unwrap();
+        for i in 0..4 {
+            tq.add_chain(&mem, &[(DATA + 0x1000 * i, 128, F_WRITE)]);
+        }
+        let t0 = Instant::now();
+        rng.process_queue(0);
+        assert_eq!(tq.used_idx(&mem), 2);
+        let (fd, token) = rng.host_fds()[0];
+        assert_eq!(token, RATE_LIMITER_TOKEN);
+        while tq.used_idx(&mem) < 4 {
+            assert!(wait_readable(fd, Duration::from_millis(500)), "the timer never fired");
+            rng.process_host_event(token);
+        }
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(40) && took < Duration::from_millis(500), "{took:?}");
+        let m = rng.metrics_handle();
+        assert_eq!((m.entropy_event_count.get(), m.entropy_bytes.get()), (4, 512));
+        assert!(m.entropy_rate_limiter_throttled.get() >= 1);
+        assert_eq!(rng.rate_limiter().and_then(|c| c.bandwidth), Some(bw));
     }
 
     #[test]

@@ -43,6 +43,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_queue::desc::split::Descriptor;
@@ -54,6 +55,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::queue_util::{drain_queue, Chain, QueueError};
 use super::{device_type, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::interrupt::VirtioInterrupt;
+use crate::metrics::VsockMetrics;
 use crate::GuestMemory;
 
 /// Queue size offered for each of the three queues.
@@ -578,6 +580,7 @@ struct Muxer {
     timer: TimerFd,
     timer_armed: bool,
     scratch: Vec<u8>,
+    metrics: Arc<VsockMetrics>,
 }
 
 impl Muxer {
@@ -650,6 +653,7 @@ impl Muxer {
 
     fn remove_conn(&mut self, token: u32) {
         if let Some(mut c) = self.conns.remove(&token) {
+            self.metrics.conns_removed.inc();
             Self::unwatch_writable(&self.writable, &mut c);
             self.by_ports.remove(&(c.local_port, c.peer_port));
             if c.local_init {
@@ -662,6 +666,7 @@ impl Muxer {
     fn kill(&mut self, token: u32) {
         if let Some(c) = self.conns.get_mut(&token) {
             c.kill();
+            self.metrics.conns_killed.inc();
             Self::unwatch_writable(&self.writable, c);
         }
         self.schedule(token);
@@ -797,6 +802,7 @@ impl Muxer {
         c.deadline = Some(Instant::now() + REQUEST_TIMEOUT);
         self.by_ports.insert((hdr.dst_port, hdr.src_port), token);
         self.conns.insert(token, c);
+        self.metrics.conns_added.inc();
         self.schedule(token);
         tracing::debug!("vsock: guest port {} connected to {}", hdr.src_port, Path::new(&path).display());
     }
@@ -870,6 +876,7 @@ impl Muxer {
         c.rx_buf.extend(&hs.buf[nl + 1..hs.len]);
         self.by_ports.insert((local_port, peer_port), token);
         self.conns.insert(token, c);
+        self.metrics.conns_added.inc();
         self.schedule(token);
         tracing::debug!("vsock: host connection to guest port {peer_port} from port {local_port}");
     }
@@ -887,6 +894,7 @@ impl Muxer {
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
             Err(e) => {
                 tracing::debug!("vsock: read from the host side of port {} failed: {e}", c.local_port);
+                self.metrics.rx_read_fails.inc();
                 c.kill();
                 Self::unwatch_writable(&self.writable, c);
             }
@@ -1094,6 +1102,7 @@ impl Vsock {
                 timer,
                 timer_armed: false,
                 scratch: vec![0; CONN_RX_STAGE.max(MAX_PKT_DATA as usize)],
+                metrics: Arc::new(VsockMetrics::default()),
             },
             cfg,
             active: None,
@@ -1107,6 +1116,11 @@ impl Vsock {
 
     pub fn uds_path(&self) -> &Path {
         &self.cfg.uds_path
+    }
+
+    /// The device's counters, for the VMM's metrics.
+    pub fn metrics_handle(&self) -> Arc<VsockMetrics> {
+        Arc::clone(&self.mux.metrics)
     }
 
     /// Open connections (established or being set up, not counting `CONNECT` handshakes).
@@ -1141,12 +1155,15 @@ impl Vsock {
                 tracing::debug!("vsock: TX chain shorter than its packet");
                 return 0;
             }
+            mux.metrics.tx_packets_count.inc();
+            mux.metrics.tx_bytes_count.add(len as u64);
             mux.handle_guest_packet(&hdr, &payload[..len], now);
             0
         });
         mux.scratch = payload;
         if let Err(e) = result {
             tracing::error!("vsock: TX queue broken: {e}");
+            mux.metrics.tx_queue_event_fails.inc();
             self.broken = true;
         }
     }
@@ -1185,6 +1202,8 @@ impl Vsock {
                     break;
                 };
                 queue.add_used(mem, head, len).map_err(QueueError::Queue)?;
+                mux.metrics.rx_packets_count.inc();
+                mux.metrics.rx_bytes_count.add(u64::from(len).saturating_sub(HDR_LEN as u64));
                 used += 1;
             }
             Ok(())
@@ -1199,6 +1218,7 @@ impl Vsock {
         });
         if let Err(e) = result {
             tracing::error!("vsock: RX queue broken: {e}");
+            mux.metrics.rx_queue_event_fails.inc();
             self.broken = true;
         }
     }
@@ -1233,6 +1253,7 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
         if queues.len() != 3 {
+            self.mux.metrics.activate_fails.inc();
             return Err(ActivateError::QueueCount { expected: 3, got: queues.len() });
         }
         self.broken = false;
@@ -1246,10 +1267,14 @@ impl VirtioDevice for Vsock {
         }
         match index {
             TX_QUEUE => {
+                self.mux.metrics.tx_queue_event_count.inc();
                 self.process_tx();
                 self.process_rx();
             }
-            RX_QUEUE => self.process_rx(),
+            RX_QUEUE => {
+                self.mux.metrics.rx_queue_event_count.inc();
+                self.process_rx();
+            }
             // The event queue only carries TRANSPORT_RESET, which this device never sends.
             _ => {}
         }
@@ -2182,6 +2207,10 @@ mod tests {
         assert!(host_got == guest_out, "guest -> host data corrupted");
         assert!(guest_got == host_out, "host -> guest data corrupted");
         assert!(!h.dev.needs_reset());
+        let m = h.dev.metrics_handle();
+        assert_eq!((m.tx_bytes_count.get(), m.rx_bytes_count.get()), (TOTAL as u64, TOTAL as u64));
+        assert_eq!(m.conns_added.get(), 1);
+        assert!(m.tx_packets_count.get() >= (TOTAL / 4096) as u64 && m.rx_packets_count.get() > 0);
     }
 
     #[test]

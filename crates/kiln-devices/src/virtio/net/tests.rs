@@ -1042,3 +1042,160 @@ fn mmds_frames_are_answered_in_the_device_and_never_reach_the_tap() {
     h.net.process_host_event(MMDS_TIMER_TOKEN);
     assert!(h.rx.take_used(&h.mem).is_empty());
 }
+
+fn bucket_limit(size: u64, refill_time_ms: u64, ops: bool) -> Option<RateLimiterConfig> {
+    use crate::rate_limiter::TokenBucketConfig;
+    let b = Some(TokenBucketConfig { size, one_time_burst: 0, refill_time_ms });
+    Some(if ops {
+        RateLimiterConfig { bandwidth: None, ops: b }
+    } else {
+        RateLimiterConfig { bandwidth: b, ops: None }
+    })
+}
+
+/// Waits for the timer listed with `token` and hands its event to the device.
+fn fire(h: &mut H, token: u32) {
+    use crate::rate_limiter::wait_readable;
+    let fd = h.net.host_fds().into_iter().find(|&(_, t)| t == token).expect("timer listed").0;
+    assert!(wait_readable(fd, std::time::Duration::from_millis(500)), "the limiter's timer never fired");
+    h.net.process_host_event(token);
+}
+
+#[test]
+fn tx_rate_limit_holds_chains_in_the_ring_until_the_timer() {
+    let mut h = harness_with(plain(), 16);
+    // Two frames per 100 ms.
+    h.net.update_rate_limiters(None, bucket_limit(2, 100, true)).unwrap();
+    assert_eq!(h.net.rate_limiters().1.and_then(|c| c.ops).map(|b| b.size), Some(2));
+    let mut msg = vnet_hdr(0).to_vec();
+    msg.extend_from_slice(&frame(100, 3));
+    h.mem.write_slice(&msg, GuestAddress(DATA)).unwrap();
+    for _ in 0..5 {
+        h.tx.add_chain(&h.mem, &[(DATA, msg.len() as u32, 0)]);
+    }
+    let t0 = std::time::Instant::now();
+    h.net.process_queue(TX_QUEUE);
+    assert_eq!(h.tx.take_used(&h.mem).len(), 2);
+    // Kicks while throttled do nothing.
+    h.net.process_queue(TX_QUEUE);
+    assert!(h.tx.take_used(&h.mem).is_empty());
+    let mut sent = 2;
+    while sent < 5 {
+        fire(&mut h, TX_RATE_LIMITER_TOKEN);
+        sent += h.tx.take_used(&h.mem).len();
+    }
+    let took = t0.elapsed();
+    // Three more frames at 20 per second: at least ~100 ms.
+    assert!(
+        took >= std::time::Duration::from_millis(90) && took < std::time::Duration::from_millis(600),
+        "{took:?}"
+    );
+    let mut got = 0;
+    while let Some(m) = h.host_recv() {
+        assert_eq!(m, msg);
+        got += 1;
+    }
+    assert_eq!(got, 5, "every frame reached the tap, none twice");
+    let m = h.net.metrics();
+    assert!(m.tx_rate_limiter_throttled.get() >= 1);
+    assert_eq!(m.tx_packets.get(), 5);
+}
+
+#[test]
+fn rx_rate_limit_keeps_the_frame_and_unlists_the_tap_until_the_timer() {
+    let mut h = harness_with(plain(), 16);
+    // 1000 bytes per 100 ms: one 800-byte frame fits, the next waits ~80 ms.
+    h.net.update_rate_limiters(bucket_limit(1000, 100, false), None).unwrap();
+    for i in 0..4 {
+        h.rx.add_chain(&h.mem, &[(DATA + 0x1000 * i, 2048, F_WRITE)]);
+    }
+    let (f1, f2) = (frame(800, 1), frame(800, 2));
+    h.host_send(&f1);
+    h.host_send(&f2);
+    h.net.process_host_event(TAP_TOKEN);
+    assert_eq!(h.rx.take_used(&h.mem), vec![(0, 812)]);
+    assert!(!h.tap_listed(), "the tap is not watched while the frame waits for tokens");
+    assert_eq!(h.net.metrics().rx_rate_limiter_throttled.get(), 1);
+    // New rx buffers do not bypass the limit.
+    h.rx.add_chain(&h.mem, &[(DATA + 0x8000, 2048, F_WRITE)]);
+    h.net.process_queue(RX_QUEUE);
+    assert!(h.rx.take_used(&h.mem).is_empty());
+    fire(&mut h, RX_RATE_LIMITER_TOKEN);
+    assert_eq!(h.rx.take_used(&h.mem), vec![(1, 812)]);
+    assert_eq!(bytes(&h.mem, DATA + 0x1000 + 12, 800), f2);
+    assert!(h.tap_listed());
+    // Lifting the limit (PATCH with zero-sized buckets) lets traffic flow freely.
+    h.net.update_rate_limiters(bucket_limit(0, 0, false), None).unwrap();
+    assert_eq!(h.net.rate_limiters(), (None, None));
+    for seed in 3..6 {
+        h.host_send(&frame(800, seed));
+    }
+    h.net.process_host_event(TAP_TOKEN);
+    assert_eq!(h.rx.take_used(&h.mem).len(), 3);
+    assert_eq!(h.net.metrics().rx_packets.get(), 5);
+}
+
+#[test]
+fn invalid_rate_limits_are_refused_and_change_nothing() {
+    let mut h = harness_with(plain(), 16);
+    h.net.update_rate_limiters(bucket_limit(10, 100, true), None).unwrap();
+    let err = h.net.update_rate_limiters(None, bucket_limit(1, u64::MAX, false)).unwrap_err();
+    assert!(err.to_string().contains("tx_rate_limiter") && err.to_string().contains("refill_time"), "{err}");
+    assert_eq!(h.net.rate_limiters().0.and_then(|c| c.ops).map(|b| b.size), Some(10));
+}
+
+#[test]
+fn metrics_serialize_under_firecracker_names() {
+    let h = harness_with(plain(), 16);
+    h.net.metrics().rx_packets.add(3);
+    h.net.metrics().tx_dropped.add(1);
+    let v = serde_json::to_value(h.net.metrics()).unwrap();
+    assert_eq!(v["rx_packets_count"], 3);
+    assert_eq!(v["tx_fails"], 1);
+    for name in [
+        "rx_bytes_count",
+        "tx_bytes_count",
+        "tx_packets_count",
+        "no_rx_avail_buffer",
+        "tap_read_fails",
+        "tap_write_fails",
+        "tx_malformed_frames",
+        "rx_rate_limiter_throttled",
+        "tx_rate_limiter_throttled",
+    ] {
+        assert!(v[name].is_u64(), "{name} missing: {v}");
+    }
+    assert!(v.get("rx_packets").is_none(), "no kiln-only spellings of Firecracker's fields");
+}
+
+#[test]
+fn mmds_frames_spend_no_tx_rate_limiter_tokens() {
+    let mut h = harness_with(plain(), 16);
+    let store = kiln_mmds::Mmds::shared(kiln_mmds::DEFAULT_SIZE_LIMIT);
+    h.net.attach_mmds(MmdsStack::new(MMDS_IP.into(), store)).unwrap();
+    // One frame per second to the tap.
+    h.net.update_rate_limiters(None, bucket_limit(1, 1000, true)).unwrap();
+    let tokens: Vec<u32> = h.net.host_fds().iter().map(|&(_, t)| t).collect();
+    assert!(tokens.contains(&TX_RATE_LIMITER_TOKEN) && tokens.contains(&MMDS_TIMER_TOKEN), "{tokens:?}");
+    for i in 0..4 {
+        h.rx.add_chain(&h.mem, &[(DATA + 0x8000 + i * 0x1000, 1526, F_WRITE)]);
+    }
+    let mut arp = vnet_hdr(0).to_vec();
+    arp.extend_from_slice(&arp_who_has(MMDS_IP));
+    h.mem.write_slice(&arp, GuestAddress(DATA)).unwrap();
+    let mut other = vnet_hdr(0).to_vec();
+    other.extend_from_slice(&tcp_syn([10, 0, 0, 1], 80));
+    h.mem.write_slice(&other, GuestAddress(DATA + 0x1000)).unwrap();
+    // Two MMDS frames, the tap frame the bucket pays for, then another that must wait.
+    for (addr, len) in
+        [(DATA, arp.len()), (DATA, arp.len()), (DATA + 0x1000, other.len()), (DATA + 0x1000, other.len())]
+    {
+        h.tx.add_chain(&h.mem, &[(addr, len as u32, 0)]);
+    }
+    h.net.process_queue(TX_QUEUE);
+    assert_eq!(h.tx.take_used(&h.mem).len(), 3, "both MMDS frames and one tap frame went");
+    assert_eq!(h.host_recv().unwrap(), other);
+    assert!(h.host_recv().is_none(), "the second tap frame waits for tokens");
+    assert_eq!(h.rx.take_used(&h.mem).len(), 2, "both ARP requests were answered");
+    assert_eq!(h.net.metrics().tx_rate_limiter_throttled.get(), 1);
+}
