@@ -256,18 +256,7 @@ fn net_bench(a: &NetArgs) -> Result<()> {
     let human = format!("{table}\n{}\n{failures}", verdicts.join("\n"));
     if a.markdown {
         eprint!("{human}");
-        let args: Vec<String> = std::env::args().skip(2).map(|w| lab::sh_quote(&w)).collect();
-        println!("### Results ({})\n", cmd_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default());
-        println!(
-            "Command: `bench/net{}{}`; host: {} x {}; git {}; guest: 1 vCPU, {} MiB.\n",
-            if args.is_empty() { "" } else { " " },
-            args.join(" "),
-            cmd_line("nproc", &[]).unwrap_or_default(),
-            cpu_model(),
-            cmd_line("git", &["-C", &repo_root().to_string_lossy(), "describe", "--always", "--dirty"])
-                .unwrap_or_else(|| "?".into()),
-            a.mem_mib
-        );
+        print_results_header("net", &format!("guest: 1 vCPU, {} MiB", a.mem_mib));
         println!("{table}");
         for v in &verdicts {
             println!("- **{v}.**");
@@ -304,6 +293,21 @@ fn firecracker_binary() -> Result<Option<PathBuf>> {
         bail!("FIRECRACKER_BIN={} is not a file", fc.display());
     }
     Ok(Some(fc))
+}
+
+/// Prints the Markdown heading and the line that says how and where a `bench/NAME` run was made.
+fn print_results_header(bench: &str, extra: &str) {
+    let args: Vec<String> = std::env::args().skip(2).map(|w| lab::sh_quote(&w)).collect();
+    println!("### Results ({})\n", cmd_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default());
+    println!(
+        "Command: `bench/{bench}{}{}`; host: {} x {}; {extra}; git {}.\n",
+        if args.is_empty() { "" } else { " " },
+        args.join(" "),
+        cmd_line("nproc", &[]).unwrap_or_default(),
+        cpu_model(),
+        cmd_line("git", &["-C", &repo_root().to_string_lossy(), "describe", "--always", "--dirty"])
+            .unwrap_or_else(|| "?".into())
+    );
 }
 
 /// The API readiness target (issue 3): median at most this many ms for kiln-vmm.
@@ -362,18 +366,7 @@ fn api(a: &ApiArgs) -> Result<()> {
     let human = format!("{table}\n{verdict}\n{failures}");
     if a.markdown {
         eprint!("{human}");
-        let args: Vec<String> = std::env::args().skip(2).map(|w| lab::sh_quote(&w)).collect();
-        println!("### Results ({})\n", cmd_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default());
-        println!(
-            "Command: `bench/api{}{}`; host: {} x {}, Linux {}; git {}.\n",
-            if args.is_empty() { "" } else { " " },
-            args.join(" "),
-            cmd_line("nproc", &[]).unwrap_or_default(),
-            cpu_model(),
-            cmd_line("uname", &["-r"]).unwrap_or_default(),
-            cmd_line("git", &["-C", &repo_root().to_string_lossy(), "describe", "--always", "--dirty"])
-                .unwrap_or_else(|| "?".into())
-        );
+        print_results_header("api", &format!("Linux {}", cmd_line("uname", &["-r"]).unwrap_or_default()));
         println!("{table}");
         for r in &results {
             println!("- {}: `{}`", r.label, r.command);
