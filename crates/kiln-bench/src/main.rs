@@ -447,22 +447,8 @@ fn cpu_model() -> String {
 
 fn boot(a: &BootArgs) -> Result<()> {
     let exe = std::env::current_exe().context("finding this program")?;
-    let kiln_vmm = match &a.kiln_vmm {
-        Some(p) => p.clone(),
-        None => exe.parent().context("program has no directory")?.join("kiln-vmm"),
-    };
-    if !kiln_vmm.is_file() {
-        bail!(
-            "{} not found: build it (cargo build --release -p kiln-vmm) or pass --kiln-vmm",
-            kiln_vmm.display()
-        );
-    }
-    let firecracker = std::env::var_os("FIRECRACKER_BIN").map(PathBuf::from);
-    if let Some(fc) = &firecracker {
-        if !fc.is_file() {
-            bail!("FIRECRACKER_BIN={} is not a file", fc.display());
-        }
-    }
+    let kiln_vmm = kiln_vmm_binary(a.kiln_vmm.as_ref())?;
+    let firecracker = firecracker_binary()?;
     let mem_runs = a.mem_runs.unwrap_or(a.runs);
 
     // Host part first: it is quick and needs no lab.
