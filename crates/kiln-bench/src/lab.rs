@@ -145,31 +145,13 @@ impl LabPlan {
                 s("--config-file"),
                 Self::config_path(vmm, kind),
             ],
-            Vmm::Qemu => vec![
-                s("/usr/bin/qemu-system-x86_64"),
-                s("-M"),
-                s("microvm,pit=on,acpi=off,auto-kernel-cmdline=off"),
-                s("-accel"),
-                s("kvm"),
-                s("-cpu"),
-                s("host"),
-                s("-m"),
-                self.mem_mib.to_string(),
-                s("-smp"),
-                self.vcpus.to_string(),
-                s("-nodefaults"),
-                s("-no-user-config"),
-                s("-nographic"),
-                s("-no-reboot"),
-                s("-serial"),
-                s("stdio"),
-                s("-kernel"),
-                s("/lab/vmlinux"),
-                s("-initrd"),
-                s("/lab/initramfs.cpio.gz"),
-                s("-append"),
+            Vmm::Qemu => qemu_microvm_command(
+                "microvm,pit=on,acpi=off,auto-kernel-cmdline=off",
+                self.mem_mib,
+                self.vcpus,
+                &[],
                 self.cmdline(vmm, kind),
-            ],
+            ),
         }
     }
 
@@ -272,6 +254,46 @@ fn kind_key(kind: Kind) -> &'static str {
         Kind::Boot => "boot",
         Kind::Mem => "mem",
     }
+}
+
+/// QEMU `-M <machine>` (accel kvm, `-cpu host`) booting the lab's `/lab/vmlinux` and
+/// `/lab/initramfs.cpio.gz` with `append`, the console on stdio, `devices` (extra arguments) added;
+/// the one QEMU command line every benchmark uses.
+pub fn qemu_microvm_command(
+    machine: &str,
+    mem_mib: u64,
+    vcpus: u32,
+    devices: &[&str],
+    append: String,
+) -> Vec<String> {
+    let mut cmd: Vec<String> = [
+        "/usr/bin/qemu-system-x86_64",
+        "-M",
+        machine,
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-m",
+        &mem_mib.to_string(),
+        "-smp",
+        &vcpus.to_string(),
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ]
+    .iter()
+    .map(|w| w.to_string())
+    .collect();
+    cmd.extend(devices.iter().map(|w| w.to_string()));
+    for w in ["-kernel", "/lab/vmlinux", "-initrd", "/lab/initramfs.cpio.gz", "-append"] {
+        cmd.push(w.to_string());
+    }
+    cmd.push(append);
+    cmd
 }
 
 /// Single-quotes `s` for /bin/sh when it holds anything but plain characters.

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::lab::{sh_quote, Vmm};
+use crate::lab::{qemu_microvm_command, sh_quote, Vmm};
 use crate::stats::{summarize, Summary};
 
 pub const GUEST_IP: &str = "169.254.100.2";
@@ -159,35 +159,18 @@ impl NetPlan {
     pub fn vmm_command(&self, vmm: Vmm) -> Vec<String> {
         let s = |x: &str| x.to_string();
         match vmm {
-            Vmm::Qemu => vec![
-                s("/usr/bin/qemu-system-x86_64"),
-                s("-M"),
-                s("microvm,pit=on,acpi=off"),
-                s("-accel"),
-                s("kvm"),
-                s("-cpu"),
-                s("host"),
-                s("-m"),
-                self.mem_mib.to_string(),
-                s("-smp"),
-                s("1"),
-                s("-nodefaults"),
-                s("-no-user-config"),
-                s("-nographic"),
-                s("-no-reboot"),
-                s("-serial"),
-                s("stdio"),
-                s("-netdev"),
-                s("tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off"),
-                s("-device"),
-                s("virtio-net-device,netdev=n0,mac=06:00:a9:fe:64:02"),
-                s("-kernel"),
-                s("/lab/vmlinux"),
-                s("-initrd"),
-                s("/lab/initramfs.cpio.gz"),
-                s("-append"),
+            Vmm::Qemu => qemu_microvm_command(
+                "microvm,pit=on,acpi=off",
+                self.mem_mib,
+                1,
+                &[
+                    "-netdev",
+                    "tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=off",
+                    "-device",
+                    "virtio-net-device,netdev=n0,mac=06:00:a9:fe:64:02",
+                ],
                 self.cmdline(vmm),
-            ],
+            ),
             _ => vec![
                 s("/usr/bin/kiln-vmm"),
                 s("--no-api"),
