@@ -227,7 +227,7 @@ impl LabPlan {
         let per_step = self.boot_timeout + Duration::from_secs(30);
         let steps_u32 = u32::try_from(steps.len()).unwrap_or(u32::MAX);
         lab = lab.timeout(Duration::from_secs(300) + per_step.saturating_mul(steps_u32));
-        let report = lab.run().context("running the lab")?;
+        let report = lab.run_with(echo_live_output).context("running the lab")?;
 
         let mut runs = Vec::new();
         for (name, vmm, kind, _) in &steps {
@@ -294,6 +294,18 @@ pub fn qemu_microvm_command(
     }
     cmd.push(append);
     cmd
+}
+
+/// Shows the lab's progress on stderr as it happens (step starts, their stderr), so a run that
+/// stalls shows where; the results on stdout stay clean.
+pub fn echo_live_output(event: kiln_lab::LabEvent<'_>) {
+    match event {
+        kiln_lab::LabEvent::StepStarted { name } => eprintln!("lab: step {name}"),
+        kiln_lab::LabEvent::Output { stream: kiln_lab::OutputStream::Stderr, data, .. } => {
+            eprint!("{}", String::from_utf8_lossy(data))
+        }
+        _ => {}
+    }
 }
 
 /// Single-quotes `s` for /bin/sh when it holds anything but plain characters.

@@ -52,6 +52,28 @@ fn connect_retrying(addr: SocketAddr, within: Duration) -> Result<TcpStream> {
     }
 }
 
+/// Accepts one connection on `listener`, failing after `within` (a guest that never connects must
+/// not hold the lab step forever).
+fn accept_within(listener: &TcpListener, within: Duration) -> Result<TcpStream> {
+    listener.set_nonblocking(true).context("listener")?;
+    let deadline = Instant::now() + within;
+    loop {
+        match listener.accept() {
+            Ok((c, _)) => {
+                c.set_nonblocking(false).context("accepted socket")?;
+                return Ok(c);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                bail!("the guest did not connect within {within:?}")
+            }
+            Err(e) => return Err(e).context("accepting the guest's connection"),
+        }
+    }
+}
+
 /// The lab's listener for the guest's sends, and the guest's address for ours ([`pump`]).
 pub fn lab_sockets(guest: &str) -> Result<(TcpListener, SocketAddr)> {
     let listener =
@@ -75,6 +97,7 @@ pub fn pump(
         // Host -> guest: the clock starts once connected (booting is not networking).
         let mut s = connect_retrying(guest_addr, timeout)?;
         s.set_read_timeout(Some(timeout)).context("socket timeout")?;
+        s.set_write_timeout(Some(timeout)).context("socket timeout")?;
         let start = Instant::now();
         let mut left = bytes;
         while left > 0 {
@@ -88,7 +111,7 @@ pub fn pump(
         out.push(Transfer { direction: "h2g".into(), bytes, secs: start.elapsed().as_secs_f64() });
 
         // Guest -> host: from the guest's connection to the last expected byte.
-        let (mut c, _) = listener.accept().context("accepting the guest's connection")?;
+        let mut c = accept_within(&listener, timeout)?;
         c.set_read_timeout(Some(timeout)).context("socket timeout")?;
         let start = Instant::now();
         let mut got = 0u64;
@@ -130,7 +153,14 @@ impl NetPlan {
 
     /// Kernel command line; the guest's side of the transfers runs after ` -- `.
     pub fn cmdline(&self, vmm: Vmm) -> String {
-        let reboot = if vmm == Vmm::Qemu { "reboot=t" } else { "reboot=k" };
+        // QEMU would append its virtio_mmio.device= after ` -- `, where the kernel hands it to init
+        // (see scripts/guest-assets): auto-kernel-cmdline=off, and the net device (QEMU 7.2 puts
+        // the first device on its last transport) is named before ` -- ` here.
+        let reboot = if vmm == Vmm::Qemu {
+            "reboot=t acpi=off virtio_mmio.device=512@0xfeb00e00:12"
+        } else {
+            "reboot=k"
+        };
         let count = self.bytes.div_ceil(65536);
         format!(
             "{KERNEL_ARGS} {reboot} ip={GUEST_IP}::{LAB_IP}:255.255.255.252::eth0:off -- \
@@ -160,7 +190,7 @@ impl NetPlan {
         let s = |x: &str| x.to_string();
         match vmm {
             Vmm::Qemu => qemu_microvm_command(
-                "microvm,pit=on,acpi=off",
+                "microvm,pit=on,acpi=off,auto-kernel-cmdline=off",
                 self.mem_mib,
                 1,
                 &[
@@ -228,7 +258,7 @@ impl NetPlan {
         }
         let steps = u32::try_from(names.len()).unwrap_or(u32::MAX);
         lab = lab.timeout(Duration::from_secs(300) + Duration::from_secs(240).saturating_mul(steps));
-        let report = lab.run().context("running the lab")?;
+        let report = lab.run_with(crate::lab::echo_live_output).context("running the lab")?;
         if let Ok(s) = report.step("tap") {
             if s.exit_code != 0 {
                 bail!("making the tap in the lab failed: {}", s.stderr_str());
