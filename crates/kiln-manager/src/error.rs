@@ -84,7 +84,10 @@ pub enum ManagerError {
 pub type Result<T, E = ManagerError> = std::result::Result<T, E>;
 
 /// Maps an `io::Error` to [`ManagerError::Io`] for `path`.
-pub(crate) fn io_err(action: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ManagerError {
+pub(crate) fn io_err(
+    action: &'static str,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> ManagerError {
     let path = path.to_path_buf();
     move |source| ManagerError::Io { action, path, source }
 }

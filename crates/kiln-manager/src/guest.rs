@@ -147,7 +147,7 @@ pub fn inject_agent_and_key(disk: &Path, agent: &Path, ssh_pub: &Path) -> Result
          sif /root/.ssh/authorized_keys mode 0100600\nsif /root/.ssh/authorized_keys uid 0\n\
          sif /root/.ssh/authorized_keys gid 0\n"
     );
-    debugfs(disk, &script, &["File exists", "File not found by ext2_lookup", "Filesystem opened read/write"])
+    debugfs(disk, &script, &["directory already exists", "File not found by ext2_lookup"])
 }
 
 /// Writes the agent configuration for the next boot into a VM's disk.
@@ -157,7 +157,7 @@ pub fn write_agent_config(disk: &Path, config_file: &Path) -> Result<()> {
         "rm {AGENT_CONFIG_GUEST_PATH}\nwrite {config} {AGENT_CONFIG_GUEST_PATH}\n\
          sif {AGENT_CONFIG_GUEST_PATH} mode 0100644\n"
     );
-    debugfs(disk, &script, &["File not found by ext2_lookup", "Filesystem opened read/write"])
+    debugfs(disk, &script, &["File not found by ext2_lookup"])
 }
 
 /// Generates the VM's ed25519 key pair with `ssh-keygen` (no passphrase).
@@ -170,7 +170,11 @@ pub fn generate_ssh_key(private: &Path, comment: &str) -> Result<()> {
         .arg(private)
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| ManagerError::ToolMissing { tool: "ssh-keygen", package: "openssh-client", source })?;
+        .map_err(|source| ManagerError::ToolMissing {
+            tool: "ssh-keygen",
+            package: "openssh-client",
+            source,
+        })?;
     if !output.status.success() {
         return Err(ManagerError::Tool {
             tool: "ssh-keygen",

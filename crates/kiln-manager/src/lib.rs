@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub mod error;
 pub mod guest;
 pub mod kernels;
-mod lifecycle;
+pub mod lifecycle;
 pub mod record;
 pub mod store;
 

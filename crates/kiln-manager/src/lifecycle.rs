@@ -12,7 +12,7 @@ use kiln_agent_proto::{Client, CopyFormat, ExitStatus, Process, ShutdownAction};
 use kiln_hypervisor::{
     open_backend, AgentSpec, BackendKind, DiskSpec, NetSpec, ProcessId, Vm, VmExit, VmRecord, VmSpec,
 };
-use kiln_image::{PruneReport, Progress, RootfsOptions};
+use kiln_image::{Progress, PruneReport, RootfsOptions};
 
 use crate::error::{io_err, ManagerError, Result};
 use crate::guest;
@@ -137,11 +137,18 @@ impl Manager {
         if opts.memory_mib < kiln_hypervisor::spec::MIN_MEMORY_MIB {
             return Err(ManagerError::InvalidInput {
                 what: "--memory",
-                detail: format!("{} MiB; at least {} MiB", opts.memory_mib, kiln_hypervisor::spec::MIN_MEMORY_MIB),
+                detail: format!(
+                    "{} MiB; at least {} MiB",
+                    opts.memory_mib,
+                    kiln_hypervisor::spec::MIN_MEMORY_MIB
+                ),
             });
         }
         if let Some(bad) = opts.env.iter().find(|kv| !kv.contains('=') || kv.starts_with('=')) {
-            return Err(ManagerError::InvalidInput { what: "-e", detail: format!("{bad:?} is not KEY=VALUE") });
+            return Err(ManagerError::InvalidInput {
+                what: "-e",
+                detail: format!("{bad:?} is not KEY=VALUE"),
+            });
         }
         self.backend(opts.backend)?;
         let image = self.images.resolve(&opts.image)?;
@@ -198,7 +205,13 @@ impl Manager {
             self.vms.save(&entry)?;
         }
         let made = (|| {
-            self.images.vm_disk(&opts.image, &paths.disk, opts.disk_size, &RootfsOptions::default(), progress)?;
+            self.images.vm_disk(
+                &opts.image,
+                &paths.disk,
+                opts.disk_size,
+                &RootfsOptions::default(),
+                progress,
+            )?;
             guest::generate_ssh_key(&paths.ssh_key, &format!("kiln-{name}"))?;
             guest::inject_agent_and_key(&paths.disk, &agent, &paths.ssh_key.with_extension("pub"))
         })();
@@ -248,7 +261,8 @@ impl Manager {
             },
             Err(_) => VmExit::Unknown,
         };
-        let main_code = main_code.or_else(|| guest::main_exit_from_console(&paths.console, entry.console_offset));
+        let main_code =
+            main_code.or_else(|| guest::main_exit_from_console(&paths.console, entry.console_offset));
         entry.status = VmStatus::Exited;
         entry.exit = Some(ExitInfo { main_code, vmm: vmm_exit });
         entry.finished_at = Some(now_secs());
@@ -427,13 +441,20 @@ impl Manager {
         let _lock = self.vms.lock()?;
         let entry = self.vms.find(name)?;
         let mut entry = self.reconcile(entry, None)?.ok_or_else(|| ManagerError::NoSuchVm(name.into()))?;
-        let (from, to) =
-            if paused { (VmStatus::Running, VmStatus::Paused) } else { (VmStatus::Paused, VmStatus::Running) };
+        let (from, to) = if paused {
+            (VmStatus::Running, VmStatus::Paused)
+        } else {
+            (VmStatus::Paused, VmStatus::Running)
+        };
         if entry.status != from {
             return Err(ManagerError::WrongState {
                 name: entry.name,
                 state: entry.status.to_string(),
-                hint: if paused { "only a running VM can be paused" } else { "only a paused VM can be resumed" },
+                hint: if paused {
+                    "only a running VM can be paused"
+                } else {
+                    "only a paused VM can be resumed"
+                },
             });
         }
         let vm = self.handle(&entry)?;
