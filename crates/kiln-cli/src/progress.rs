@@ -31,7 +31,7 @@ fn mb(bytes: u64) -> String {
 
 fn render(line: &Line) -> String {
     const WIDTH: u64 = 30;
-    let filled = if line.size == 0 { WIDTH } else { (line.done.min(line.size) * WIDTH) / line.size };
+    let filled = (line.done.min(line.size) * WIDTH).checked_div(line.size).unwrap_or(WIDTH);
     let bar: String = (0..WIDTH).map(|i| if i < filled { '#' } else { ' ' }).collect();
     format!("{} [{bar}] {}/{} {}", line.label, mb(line.done), mb(line.size), line.state)
 }

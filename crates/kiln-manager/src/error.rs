@@ -36,9 +36,9 @@ pub enum ManagerError {
          `kiln run IMAGE sh`"
     )]
     NoCommand,
-    #[error("image error")]
+    #[error(transparent)]
     Image(#[from] kiln_image::ImageError),
-    #[error("hypervisor error")]
+    #[error(transparent)]
     Hypervisor(#[from] kiln_hypervisor::HypervisorError),
     #[error("cannot use the {backend} backend here: {reason}")]
     BackendUnusable { backend: String, reason: String },

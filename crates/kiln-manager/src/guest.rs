@@ -191,7 +191,7 @@ pub fn main_exit_from_console(console: &Path, offset: u64) -> Option<i32> {
     let bytes = fs::read(console).ok()?;
     let tail = bytes.get(usize::try_from(offset).ok()?..)?;
     let text = String::from_utf8_lossy(tail);
-    let line = text.lines().filter_map(|l| l.split("KILN-MAIN-EXIT ").nth(1)).last()?;
+    let line = text.lines().filter_map(|l| l.split("KILN-MAIN-EXIT ").nth(1)).next_back()?;
     let word = line.split_whitespace().next()?;
     if let Some(code) = word.strip_prefix("code=") {
         code.parse().ok()
