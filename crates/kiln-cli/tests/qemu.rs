@@ -160,6 +160,20 @@ fn pull_run_exec_stop_start_rm_and_bad_input() {
     // A name clash: a clear error, the first VM untouched.
     let err = kiln.fails(&["create", "--name", "keep", "--hypervisor", "qemu", &image]);
     assert!(err.contains("already exists"), "{err}");
+    // Two kiln processes creating the same name at once: the store lock lets exactly one win.
+    let racers: Vec<_> = (0..2)
+        .map(|_| {
+            kiln.cmd(&["create", "--name", "dup", "--hypervisor", "qemu", &image])
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let results: Vec<Output> = racers.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    assert_eq!(results.iter().filter(|o| o.status.success()).count(), 1, "exactly one create wins");
+    assert!(results.iter().any(|o| text(&o.stderr).contains("already exists")));
+    assert_eq!(kiln.ps(true).iter().filter(|v| v["name"] == "dup").count(), 1);
+    kiln.ok(&["rm", "dup"]);
     // rm of a running VM without -f.
     let err = kiln.fails(&["rm", "keep"]);
     assert!(err.contains("running") && err.contains("rm -f"), "{err}");

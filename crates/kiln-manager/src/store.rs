@@ -158,3 +158,89 @@ impl VmStore {
         Ok(removed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_hypervisor::{BackendKind, ProcessId};
+
+    fn entry(id: &str, name: &str, status: VmStatus, creator: Option<ProcessId>) -> VmEntry {
+        VmEntry {
+            format: ENTRY_FORMAT,
+            id: id.into(),
+            name: name.into(),
+            image: "busybox".into(),
+            image_id: "sha256:00".into(),
+            kernel: "k".into(),
+            backend: BackendKind::Qemu,
+            vcpus: 1,
+            memory_mib: 128,
+            disk_size: None,
+            main: Default::default(),
+            auto_remove: false,
+            network: None,
+            status,
+            creator,
+            created_at: 1,
+            started_at: None,
+            finished_at: None,
+            exit: None,
+            console_offset: 0,
+        }
+    }
+
+    #[test]
+    fn repair_removes_half_made_vms_and_keeps_the_rest() {
+        let root = tempfile::tempdir().unwrap();
+        let store = VmStore::open(root.path()).unwrap();
+        // A creator that has exited.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = ProcessId::of(child.id() as i32).unwrap();
+        child.wait().unwrap();
+        let me = ProcessId::of(std::process::id() as i32).unwrap();
+        for e in [
+            entry("aa01", "crashed", VmStatus::Creating, Some(dead)),
+            entry("aa02", "in-progress", VmStatus::Creating, Some(me)),
+            entry("aa03", "made", VmStatus::Created, None),
+        ] {
+            fs::create_dir_all(store.paths(&e.id).dir).unwrap();
+            store.save(&e).unwrap();
+        }
+        fs::create_dir_all(store.paths("aa04").dir).unwrap(); // crash before the first write
+        fs::create_dir_all(store.paths("aa05").dir).unwrap();
+        fs::write(store.paths("aa05").entry, b"{not json").unwrap();
+
+        let removed = store.repair().unwrap();
+        let mut removed: Vec<String> =
+            removed.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        removed.sort();
+        assert_eq!(removed, ["aa01", "aa04"]);
+        assert!(store.paths("aa05").dir.exists(), "a corrupt record is left for the user");
+        let err = store.list().unwrap_err().to_string();
+        assert!(err.contains("corrupt") && err.contains("aa05"), "{err}");
+        fs::remove_dir_all(store.paths("aa05").dir).unwrap();
+        let names: Vec<String> = store.list().unwrap().into_iter().map(|e| e.name).collect();
+        assert_eq!(names, ["in-progress", "made"]);
+        assert_eq!(
+            store.find("aa0").unwrap_err().to_string(),
+            "\"aa0\" matches more than one VM ID; use more characters or the name"
+        );
+        assert_eq!(store.find("aa03").unwrap().name, "made");
+        assert!(matches!(store.find("nope"), Err(ManagerError::NoSuchVm(_))));
+    }
+
+    #[test]
+    fn records_are_replaced_whole() {
+        let root = tempfile::tempdir().unwrap();
+        let store = VmStore::open(root.path()).unwrap();
+        let mut e = entry("bb01", "x", VmStatus::Created, None);
+        fs::create_dir_all(store.paths(&e.id).dir).unwrap();
+        store.save(&e).unwrap();
+        e.status = VmStatus::Exited;
+        store.save(&e).unwrap();
+        assert_eq!(store.find("x").unwrap().status, VmStatus::Exited);
+        let leftovers: Vec<_> =
+            fs::read_dir(store.paths("bb01").dir).unwrap().map(|d| d.unwrap().file_name()).collect();
+        assert_eq!(leftovers, [std::ffi::OsString::from(ENTRY_FILE)], "no temp files left");
+    }
+}
