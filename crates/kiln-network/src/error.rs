@@ -46,6 +46,8 @@ pub enum NetworkError {
     Conflict { name: String, existing: String },
     #[error("subnet {subnet} of network {name:?} overlaps network {other:?} ({other_subnet}); choose a disjoint subnet")]
     Overlap { name: String, subnet: String, other: String, other_subnet: String },
+    #[error("subnet {subnet} of network {name:?} overlaps this host's route `{route}`; create the network with a disjoint subnet (or edit its network.json)")]
+    HostRouteOverlap { name: String, subnet: String, route: String },
     #[error("network {network:?} ({subnet}) has no free address; remove unused VMs or use a larger subnet")]
     Exhausted { network: String, subnet: String },
     #[error("host port {port}/{protocol} is already published by VM {owner:?} on network {network:?}; pick another host port")]

@@ -4,7 +4,7 @@
 //! finds exactly what Kiln added even when its state files are gone.
 
 use crate::config::NetworkConfig;
-use crate::error::Result;
+use crate::error::{NetworkError, Result};
 use crate::host::{run, succeeds};
 use crate::ipam::Lease;
 
@@ -106,7 +106,13 @@ pub(crate) fn ensure_chains() -> Result<()> {
     let what = "setting up Kiln's firewall chains";
     for (table, chain, parents, matches) in CHAINS {
         if !iptables_ok(table, &["-S", chain])? {
-            iptables(table, &["-N", chain], what)?;
+            match iptables(table, &["-N", chain], what) {
+                // Made meanwhile by a Kiln with another state root.
+                Err(NetworkError::Command { stderr, .. }) if stderr.contains("already exists") => {}
+                other => {
+                    other?;
+                }
+            }
         }
         for parent in parents {
             let mut jump: Vec<&str> = matches.to_vec();

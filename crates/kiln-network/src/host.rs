@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 use std::process::Command;
 
-use crate::config::NetworkConfig;
+use crate::config::{NetworkConfig, Subnet};
 use crate::error::{NetworkError, Result};
 
 /// Runs `program args`, returning stdout; a failure becomes an error naming the command, with
@@ -48,6 +48,14 @@ pub(crate) fn link_exists(name: &str) -> Result<bool> {
 pub(crate) fn ensure_bridge(config: &NetworkConfig) -> Result<()> {
     let what = format!("creating bridge {}", config.bridge);
     if !link_exists(&config.bridge)? {
+        let routes = run("ip", &["-4", "-o", "route", "show"], &what)?;
+        if let Some(route) = overlapping_route(&routes, &config.subnet) {
+            return Err(NetworkError::HostRouteOverlap {
+                name: config.name.clone(),
+                subnet: config.subnet.to_string(),
+                route: route.to_string(),
+            });
+        }
         run("ip", &["link", "add", &config.bridge, "type", "bridge"], &what)?;
     }
     let address = format!("{}/{}", config.gateway, config.subnet.prefix());
@@ -74,6 +82,24 @@ fn write_sysctl(key: &str, value: &str, what: &str) -> Result<()> {
             }
         } else {
             NetworkError::State { path: path.into(), source: e }
+        }
+    })
+}
+
+/// The first route of `ip -4 -o route show` whose destination overlaps `subnet` (the default
+/// route aside): the bridge's address would shadow it or be shadowed.
+fn overlapping_route<'a>(routes: &'a str, subnet: &Subnet) -> Option<&'a str> {
+    let mask = |prefix: u32| u32::MAX.checked_shl(32 - prefix.min(32)).unwrap_or(0);
+    routes.lines().map(str::trim).find(|line| {
+        let Some(dest) = line.split_whitespace().next() else { return false };
+        let (addr, prefix) = dest.split_once('/').unwrap_or((dest, "32"));
+        match (addr.parse::<Ipv4Addr>(), prefix.parse::<u32>()) {
+            // Two ranges overlap when the shorter prefix's mask gives both the same network.
+            (Ok(addr), Ok(prefix)) if prefix > 0 => {
+                let common = mask(prefix.min(u32::from(subnet.prefix())));
+                u32::from(addr) & common == u32::from(subnet.network()) & common
+            }
+            _ => false,
         }
     })
 }
@@ -117,6 +143,18 @@ mod tests {
     fn loopback_resolvers_are_not_handed_to_guests() {
         let text = "# x\nnameserver 127.0.0.53\nnameserver 192.0.2.53\nnameserver ::1\nsearch lan\n";
         assert_eq!(parse_nameservers(text), [Ipv4Addr::new(192, 0, 2, 53)]);
+    }
+
+    #[test]
+    fn routes_overlapping_the_subnet_are_found() {
+        let subnet: Subnet = "10.77.0.0/16".parse().unwrap();
+        let routes =
+            "default via 10.0.2.2 dev eth0\n10.0.2.0/24 dev eth0 proto kernel scope link src 10.0.2.15\n";
+        assert_eq!(overlapping_route(routes, &subnet), None);
+        let inside = format!("{routes}10.77.3.0/24 dev wg0 scope link\n");
+        assert_eq!(overlapping_route(&inside, &subnet), Some("10.77.3.0/24 dev wg0 scope link"));
+        assert!(overlapping_route("10.0.0.0/8 dev vpn0\n", &subnet).is_some(), "a wider route");
+        assert!(overlapping_route("10.77.9.9 dev x\n", &subnet).is_some(), "a host route");
     }
 
     #[test]

@@ -32,6 +32,8 @@ use firewall::Select;
 use ipam::Ipam;
 
 const CONFIG_FILE: &str = "network.json";
+/// Held while the host changes: the firewall chains and port numbers are shared by all networks.
+const HOST_LOCK: &str = ".host.lock";
 
 /// What a VM needs to join a network: the host tap to give its VMM, and the guest's addressing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +77,20 @@ impl Networks {
     pub fn open(state_dir: &Path) -> Result<Self> {
         fs::create_dir_all(state_dir).map_err(NetworkError::state(state_dir))?;
         Ok(Networks { dir: state_dir.to_path_buf() })
+    }
+
+    /// Serializes host changes across processes (taken before any network's lease lock).
+    fn host_lock(&self) -> Result<fs::File> {
+        let path = self.dir.join(HOST_LOCK);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(NetworkError::state(&path))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| NetworkError::State { path, source: e.into() })?;
+        Ok(file)
     }
 
     fn config_path(&self, name: &str) -> PathBuf {
@@ -181,6 +197,7 @@ impl Networks {
     pub fn attach(&self, network: &str, vm_id: &str, ports: &[PortMapping]) -> Result<Attachment> {
         config::validate_vm_id(vm_id)?;
         let config = self.get(network)?;
+        let _host = self.host_lock()?;
         self.check_ports_free(&config, vm_id, ports)?;
         let mut leases = self.ipam(network).lock(&config)?;
         let existed = leases.get(vm_id).is_some();
@@ -220,8 +237,8 @@ impl Networks {
         })
     }
 
-    /// Refuses a host port another VM publishes on any network (checked under each network's
-    /// lock; the VM's own network is checked again by `attach` holding its lock).
+    /// Refuses a host port another VM publishes on any network (the caller holds the host lock,
+    /// so no other attach can take the port meanwhile).
     fn check_ports_free(&self, config: &NetworkConfig, vm_id: &str, ports: &[PortMapping]) -> Result<()> {
         if ports.is_empty() {
             return Ok(());
@@ -254,6 +271,7 @@ impl Networks {
     pub fn detach(&self, network: &str, vm_id: &str) -> Result<()> {
         config::validate_vm_id(vm_id)?;
         let config = self.get(network)?;
+        let _host = self.host_lock()?;
         let mut leases = self.ipam(network).lock(&config)?;
         let lease = leases.get(vm_id).cloned().unwrap_or_else(|| Lease {
             vm_id: vm_id.to_string(),
@@ -297,6 +315,7 @@ impl Networks {
     /// the bridge, its rules and its record.
     pub fn remove(&self, network: &str, force: bool) -> Result<()> {
         let config = self.get(network)?;
+        let _host = self.host_lock()?;
         let mut leases = self.ipam(network).lock(&config)?;
         if !leases.leases().is_empty() && !force {
             let vms: Vec<String> = leases.leases().iter().map(|l| l.vm_id.clone()).collect();
