@@ -206,7 +206,7 @@ pub fn static_agent() -> &'static Path {
 pub const SSH_IMAGE_REF: &str = "bookworm-ssh";
 
 /// The Debian bookworm minbase image with openssh-server (an oci-layout dir, image
-/// [`SSH_IMAGE_REF`], Entrypoint `/usr/sbin/sshd -D -e`), built by `scripts/ssh-image` with
+/// [`SSH_IMAGE_REF`], Entrypoint `sh -c 'mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e'`), built by `scripts/ssh-image` with
 /// debootstrap the first time (a few minutes, needs root) and cached under `~/.cache/kiln`.
 /// Push it with `LocalRegistry::push_oci(ssh_image(), SSH_IMAGE_REF, "debian/ssh:bookworm")`.
 pub fn ssh_image() -> &'static Path {
