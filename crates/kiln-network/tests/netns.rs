@@ -9,91 +9,11 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
-use std::path::Path;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use kiln_network::{Attachment, Networks, PortMapping};
-
-/// Skips (loudly) without root: namespaces, bridges and iptables need it.
-macro_rules! require_root {
-    () => {
-        if !rustix::process::geteuid().is_root() {
-            eprintln!("SKIPPED {}: needs root (network namespaces, bridges, iptables)", module_path!());
-            return;
-        }
-    };
-}
-
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A network namespace, deleted (with every link and rule in it) on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(role: &str) -> Netns {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!("kn{}-{role}{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
-        sh(&["ip", "netns", "add", &name]);
-        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
-        Netns(name)
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut full = vec!["ip", "-n", &self.0];
-        full.extend_from_slice(args);
-        sh(&full)
-    }
-
-    fn exec(&self, args: &[&str]) -> String {
-        let mut full = vec!["ip", "netns", "exec", &self.0];
-        full.extend_from_slice(args);
-        sh(&full)
-    }
-
-    /// Runs `f` on a thread inside this namespace (sockets it creates stay in it).
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        self.spawn(f).join().unwrap()
-    }
-
-    fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
-        let ns = File::open(Path::new("/var/run/netns").join(&self.0)).unwrap();
-        std::thread::spawn(move || {
-            rustix::thread::move_into_link_name_space(
-                ns.as_fd(),
-                Some(rustix::thread::LinkNameSpaceType::Network),
-            )
-            .unwrap();
-            f()
-        })
-    }
-
-    /// Links other than `lo`, and every iptables rule or chain mentioning Kiln.
-    fn leftovers(&self) -> (Vec<String>, Vec<String>) {
-        let links: Vec<String> = self
-            .ip(&["-o", "link", "show"])
-            .lines()
-            .filter_map(|l| l.split(':').nth(1).map(|n| n.trim().split('@').next().unwrap_or("").to_string()))
-            .filter(|n| n != "lo")
-            .collect();
-        let rules = self.exec(&["iptables-save"]);
-        let rules =
-            rules.lines().filter(|l| l.contains("kiln") || l.contains("KILN")).map(String::from).collect();
-        (links, rules)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+use kiln_test_utils::netns::Netns;
+use kiln_test_utils::require_root;
 
 const TUNSETIFF: libc::Ioctl = 0x4004_54ca;
 
@@ -171,6 +91,19 @@ fn echo_server(ns: &Netns, port: u16) {
     });
 }
 
+/// A server in `ns` on `port` that answers with the address the connection came from.
+fn peer_server(ns: &Netns, port: u16) {
+    let listener = ns.run(move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap());
+    std::thread::spawn(move || {
+        for (mut conn, peer) in
+            listener.incoming().flatten().filter_map(|c| Some((c.try_clone().ok()?, c.peer_addr().ok()?)))
+        {
+            let _ = conn.read(&mut [0u8; 64]);
+            let _ = conn.write_all(peer.ip().to_string().as_bytes());
+        }
+    });
+}
+
 fn ask(ns: &Netns, addr: SocketAddr, what: &'static str) -> String {
     ns.run(move || {
         let mut s = connect(addr);
@@ -220,7 +153,7 @@ fn two_vms_on_one_network_reach_each_other_and_detach_leaves_nothing() {
 }
 
 #[test]
-fn a_published_port_reaches_the_guest_from_outside_and_from_the_hosts_loopback() {
+fn a_published_port_reaches_the_guest_from_outside_and_from_the_hosts_loopback_and_nat_works() {
     require_root!();
     let host = Netns::new("host");
     let outside = Netns::new("out");
@@ -245,6 +178,10 @@ fn a_published_port_reaches_the_guest_from_outside_and_from_the_hosts_loopback()
     assert_eq!(ask(&host, "127.0.0.1:18080".parse().unwrap(), "loopback"), "reply to loopback");
     assert_eq!(ask(&host, "192.0.2.1:18080".parse().unwrap(), "host address"), "reply to host address");
     assert_eq!(ask(&outside, "192.0.2.1:18080".parse().unwrap(), "outside"), "reply to outside");
+    // Outbound NAT: the guest reaches the outside host, which sees the host's address (it has no
+    // route back to the VM subnet).
+    peer_server(&outside, 9000);
+    assert_eq!(ask(&g, "192.0.2.2:9000".parse().unwrap(), "who am i"), "192.0.2.1");
 
     // Another VM may not take the same host port.
     let n2 = nets.clone();

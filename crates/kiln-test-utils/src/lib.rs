@@ -6,7 +6,8 @@
 //! purpose-built guest images with binutils, waiting helpers, the lab's retry-on-silent-reset
 //! wrapper; OCI fixtures ([`oci`]: raw tar layers, oci-layout directories, a busybox image) and a
 //! real registry ([`registry`]: Debian's `docker-registry` on 127.0.0.1, `skopeo` pushes); the
-//! Debian+sshd image for ssh tests ([`ssh_image`], built by `scripts/ssh-image`).
+//! Debian+sshd image for ssh tests ([`ssh_image`], built by `scripts/ssh-image`); network
+//! namespaces a test makes and removes ([`netns`]).
 //! Must not: be a dependency of anything but tests, or hide a failure as a skip.
 #![allow(clippy::unwrap_used)]
 
@@ -161,6 +162,7 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+pub mod netns;
 pub mod oci;
 pub mod registry;
 
