@@ -95,9 +95,8 @@ fn echo_server(ns: &Netns, port: u16) {
 fn peer_server(ns: &Netns, port: u16) {
     let listener = ns.run(move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap());
     std::thread::spawn(move || {
-        for (mut conn, peer) in
-            listener.incoming().flatten().filter_map(|c| Some((c.try_clone().ok()?, c.peer_addr().ok()?)))
-        {
+        for mut conn in listener.incoming().flatten() {
+            let Ok(peer) = conn.peer_addr() else { continue };
             let _ = conn.read(&mut [0u8; 64]);
             let _ = conn.write_all(peer.ip().to_string().as_bytes());
         }
