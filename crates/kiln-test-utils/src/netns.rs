@@ -60,7 +60,10 @@ impl Netns {
         self.spawn(f).join().unwrap()
     }
 
-    pub fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let ns = File::open(Path::new("/var/run/netns").join(&self.0)).unwrap();
         std::thread::spawn(move || {
             rustix::thread::move_into_link_name_space(
@@ -92,4 +95,3 @@ impl Drop for Netns {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
-
