@@ -125,6 +125,21 @@ fn two_vms_reach_each_other_a_published_port_reaches_the_guest_and_rm_leaves_not
     // The guest has its address on eth0 (the kernel's ip= argument).
     let addr = kiln.ok(&["exec", "client", "busybox", "ip", "-4", "addr", "show", "eth0"]);
     assert!(addr.contains(&format!("{client_ip}/16")), "{addr}");
+    // Name servers: the host's (inside `ip netns exec`, /etc/netns/NS/resolv.conf or the host's
+    // own), loopback ones left out since a guest cannot reach them.
+    let host_servers: Vec<String> = std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver "))
+        .map(|s| s.trim().to_string())
+        .filter(|s| s.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| !ip.is_loopback()))
+        .collect();
+    if !host_servers.is_empty() {
+        let resolv = kiln.ok(&["exec", "client", "cat", "/etc/resolv.conf"]);
+        for server in &host_servers {
+            assert!(resolv.contains(&format!("nameserver {server}")), "{resolv}");
+        }
+    }
 
     // The published port, from the host's loopback (inside the namespace standing in for the host)...
     let curl = kiln.ns.exec(&["curl", "-s", "--max-time", "10", "http://127.0.0.1:18080/index.html"]);

@@ -188,6 +188,21 @@ pub fn write_agent_config(disk: &Path, config_file: &Path) -> Result<()> {
     debugfs(disk, &script, &["File not found by ext2_lookup"])
 }
 
+/// Writes the guest's `/etc/resolv.conf` (replacing the image's file or link, as Docker does) with
+/// the name servers its network hands out.
+pub fn write_resolv_conf(disk: &Path, servers: &[std::net::Ipv4Addr]) -> Result<()> {
+    let tmp = disk.with_extension("resolv.conf");
+    let text: String = servers.iter().map(|s| format!("nameserver {s}\n")).collect();
+    fs::write(&tmp, text).map_err(io_err("writing", &tmp))?;
+    let source = plain(&tmp)?;
+    let script = format!(
+        "mkdir /etc\nrm /etc/resolv.conf\nwrite {source} /etc/resolv.conf\nsif /etc/resolv.conf mode 0100644\n"
+    );
+    let result = debugfs(disk, &script, &["directory already exists", "File not found by ext2_lookup"]);
+    let _ = fs::remove_file(&tmp);
+    result
+}
+
 /// Generates the VM's ed25519 key pair with `ssh-keygen` (no passphrase).
 pub fn generate_ssh_key(private: &Path, comment: &str) -> Result<()> {
     if let Some(dir) = private.parent() {

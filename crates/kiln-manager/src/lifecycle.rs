@@ -219,10 +219,14 @@ impl Manager {
             self.vms.save(&entry)?;
         }
         let made = (|| {
-            let network = match (&opts.network, &opts.network_name) {
-                (Some(given), _) => Some(given.clone()),
-                (None, Some(net)) => Some(self.attach_network(net, &id, &opts.publish)?),
-                (None, None) => None,
+            let (network, dns) = match (&opts.network, &opts.network_name) {
+                (Some(given), _) => (Some(given.clone()), Vec::new()),
+                (None, Some(net)) => {
+                    let attachment = self.attach_network(net, &id, &opts.publish)?;
+                    let dns = attachment.dns.clone();
+                    (Some(attachment.into()), dns)
+                }
+                (None, None) => (None, Vec::new()),
             };
             self.images.vm_disk(
                 &opts.image,
@@ -233,6 +237,9 @@ impl Manager {
             )?;
             guest::generate_ssh_key(&paths.ssh_key, &format!("kiln-{name}"))?;
             guest::inject_agent_and_key(&paths.disk, &agent, &paths.ssh_key.with_extension("pub"))?;
+            if !dns.is_empty() {
+                guest::write_resolv_conf(&paths.disk, &dns)?;
+            }
             Ok(network)
         })();
         let _lock = self.vms.lock()?;
@@ -535,11 +542,11 @@ impl Manager {
         name: &str,
         id: &str,
         publish: &[kiln_network::PortMapping],
-    ) -> Result<NetworkAttachment> {
+    ) -> Result<kiln_network::Attachment> {
         if name == kiln_network::DEFAULT_NETWORK {
             self.networks.ensure_default()?;
         }
-        Ok(self.networks.attach(name, id, publish)?.into())
+        Ok(self.networks.attach(name, id, publish)?)
     }
 
     /// Removes a VM for good: its network attachment (tap, rules, lease), then its directory.
