@@ -30,7 +30,7 @@ pub enum NetworkError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("no network named {name:?} (known: {known}); create it first")]
+    #[error("no network named {name:?} (known: {known}); create it first (`kiln network create NAME --subnet CIDR`)")]
     UnknownNetwork { name: String, known: String },
     #[error(
         "network name {0:?} is invalid: use 1-15 characters a-z, 0-9, '-' or '_', starting with a letter"

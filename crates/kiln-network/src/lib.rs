@@ -100,8 +100,8 @@ impl Networks {
     /// Records a network (idempotent for an identical config). The bridge appears with its first VM.
     pub fn create(&self, config: &NetworkConfig) -> Result<()> {
         config.validate()?;
-        // One network's lock at a time is enough: configs are written once, atomically, and the
-        // overlap check reads only files that are already complete.
+        // Under the host lock: two processes recording one name, or overlapping subnets, at once.
+        let _host = self.host_lock()?;
         match self.get(&config.name) {
             Ok(existing) if existing == *config => return Ok(()),
             Ok(existing) => {

@@ -220,3 +220,38 @@ fn removing_a_network_with_vms_needs_force_and_then_removes_everything() {
     assert_eq!(host.leftovers(), (vec![], vec![]));
     assert!(nets.list().unwrap().is_empty());
 }
+
+#[test]
+fn simultaneous_attaches_from_separate_handles_share_one_bridge_and_get_distinct_addresses() {
+    require_root!();
+    let host = Netns::new("host");
+    let state = tempfile::tempdir().unwrap();
+    Networks::open(state.path()).unwrap().ensure_default().unwrap();
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let dir = state.path().to_path_buf();
+            // Each thread opens its own handle, as separate `kiln` processes would.
+            host.spawn(move || Networks::open(&dir).unwrap().attach("kiln0", &format!("vm{i}"), &[]).unwrap())
+        })
+        .collect();
+    let attachments: Vec<Attachment> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ips: std::collections::HashSet<Ipv4Addr> = attachments.iter().map(|a| a.ip).collect();
+    assert_eq!(ips.len(), 4);
+    let bridges = host.ip(&["-o", "link", "show", "type", "bridge"]);
+    assert_eq!(bridges.lines().count(), 1, "{bridges}");
+    for a in &attachments {
+        assert!(
+            host.ip(&["-o", "link", "show", "master", "kiln0"]).contains(&a.tap),
+            "{} not on the bridge",
+            a.tap
+        );
+    }
+    let dir = state.path().to_path_buf();
+    host.run(move || {
+        let nets = Networks::open(&dir).unwrap();
+        for i in 0..4 {
+            nets.detach("kiln0", &format!("vm{i}")).unwrap();
+        }
+    });
+    assert_eq!(host.leftovers(), (vec![], vec![]));
+}
