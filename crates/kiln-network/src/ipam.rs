@@ -51,6 +51,20 @@ pub fn mac_for(ip: Ipv4Addr) -> String {
     format!("02:4b:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
 }
 
+/// Opens (creating) `path` and takes an exclusive `flock` on it, waiting for other holders; the
+/// lock lasts as long as the returned file.
+pub(crate) fn lock_file(path: &Path) -> Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(NetworkError::state(path))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| NetworkError::State { path: path.to_path_buf(), source: e.into() })?;
+    Ok(file)
+}
+
 /// A network's lease directory (`<state>/<network>/`).
 #[derive(Clone, Debug)]
 pub struct Ipam {
@@ -67,15 +81,7 @@ impl Ipam {
     /// subnet or on the gateway, a second lease for one address or one VM.
     pub fn lock(&self, config: &NetworkConfig) -> Result<LockedLeases> {
         fs::create_dir_all(&self.dir).map_err(NetworkError::state(&self.dir))?;
-        let lock_path = self.dir.join(LOCK);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(NetworkError::state(&lock_path))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| NetworkError::State { path: lock_path.clone(), source: e.into() })?;
+        let lock = lock_file(&self.dir.join(LOCK))?;
         self.remove_stale_temps();
         let path = self.dir.join(LEASES);
         let file: LeaseFile = match fs::read(&path) {

@@ -81,16 +81,7 @@ impl Networks {
 
     /// Serializes host changes across processes (taken before any network's lease lock).
     fn host_lock(&self) -> Result<fs::File> {
-        let path = self.dir.join(HOST_LOCK);
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(NetworkError::state(&path))?;
-        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| NetworkError::State { path, source: e.into() })?;
-        Ok(file)
+        ipam::lock_file(&self.dir.join(HOST_LOCK))
     }
 
     fn config_path(&self, name: &str) -> PathBuf {
