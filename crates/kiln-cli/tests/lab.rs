@@ -25,7 +25,7 @@ kiln stop -t 5 keep; echo "stop-exit=$?"
 echo "ps-after-stop=$(kiln ps -a --format json | grep -c '"status": "exited"')"
 kiln rm keep; echo "rm-exit=$?"
 echo "vm-dirs-left=$(ls /tmp/kiln/vms | wc -l)"
-echo "vmm-left=$(pgrep -c kiln-vmm || true)"
+echo "vmm-left=$(for p in /proc/[0-9]*; do [ "$(cat $p/comm 2>/dev/null)" = kiln-vmm ] && echo x; done | wc -l)"
 "#;
 
 fn value<'a>(out: &'a str, key: &str) -> &'a str {
