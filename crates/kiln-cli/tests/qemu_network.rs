@@ -107,6 +107,24 @@ fn two_vms_reach_each_other_a_published_port_reaches_the_guest_and_rm_leaves_not
     let kiln = Kiln::new();
     kiln.outside(&["image", "pull", &image]);
 
+    // A foreground --rm VM: it has its address, and when it exits its tap, rules and (being the
+    // last VM) the bridge go away with it.
+    let out = kiln.ok(&[
+        "run",
+        "--rm",
+        "--hypervisor",
+        "qemu",
+        &image,
+        "busybox",
+        "ip",
+        "-4",
+        "addr",
+        "show",
+        "eth0",
+    ]);
+    assert!(out.contains("inet 10.77.0."), "{out}");
+    assert_eq!(kiln.ns.leftovers(), (vec![], vec![]), "an exited --rm VM left links or rules");
+
     let serve = "echo hello-from-web > /tmp/index.html; exec busybox httpd -f -p 8080 -h /tmp";
     let args =
         ["run", "-d", "--hypervisor", "qemu", "--name", "web", "-p", "18080:8080", &image, "sh", "-c", serve];
