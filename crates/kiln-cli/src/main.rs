@@ -17,6 +17,7 @@ use kiln_hypervisor::BackendKind;
 use kiln_image::{Reference, RegistryOptions};
 use kiln_manager::lifecycle::AttachOptions;
 use kiln_manager::{CreateOptions, Manager, ManagerOptions, VmEntry, VmStatus};
+use kiln_network::PortMapping;
 
 /// Exit code for kiln's own errors.
 const KILN_ERROR: u8 = 125;
@@ -39,6 +40,9 @@ enum Cmd {
     /// List, import, build and remove guest kernels.
     #[command(subcommand)]
     Kernel(KernelCmd),
+    /// List, create and remove networks (bridges VMs attach to).
+    #[command(subcommand)]
+    Network(NetworkCmd),
     /// Create a VM from an image and start it; in the foreground, stream its output and exit with
     /// its exit code.
     Run(RunArgs),
@@ -174,6 +178,27 @@ enum ImageCmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum NetworkCmd {
+    /// Networks, their subnets and how many VMs are on each.
+    Ls,
+    /// Record a network (its bridge appears with its first VM).
+    Create {
+        name: String,
+        /// IPv4 subnet, e.g. 10.78.0.0/24; the gateway is its first address.
+        #[arg(long)]
+        subnet: kiln_network::Subnet,
+    },
+    /// Remove networks: bridge, rules, record.
+    Rm {
+        /// Detach the VMs still on it (they lose their network).
+        #[arg(short, long)]
+        force: bool,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum KernelCmd {
     /// List kernels.
     Ls,
@@ -214,12 +239,12 @@ struct CreateArgs {
     /// Environment, KEY=VALUE (repeatable), over the image's.
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
-    /// Publish a port, HOST:GUEST (needs networking).
+    /// Publish a port: HOST:GUEST[/tcp|udp], reachable on every host address, loopback included.
     #[arg(short, long = "publish", value_name = "HOST:GUEST")]
-    publish: Vec<String>,
-    /// Network: `none` (the default until kiln-network lands).
-    #[arg(long, default_value = "none")]
-    network: String,
+    publish: Vec<PortMapping>,
+    /// Network to attach to (`kiln network ls`), or `none` [env: KILN_NETWORK] [default: kiln0].
+    #[arg(long, value_name = "NAME")]
+    network: Option<String>,
     /// Remove the VM when it exits.
     #[arg(long)]
     rm: bool,
@@ -311,6 +336,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Cmd::Image(cmd) => image(&m, cmd),
         Cmd::Kernel(cmd) => kernel(&m, cmd),
+        Cmd::Network(cmd) => network(&m, cmd),
         Cmd::Run(args) => run_vm(&m, args),
         Cmd::Create(args) => {
             let entry = create(&m, &args)?;
@@ -443,15 +469,11 @@ fn each(vms: &[String], mut f: impl FnMut(&str) -> kiln_manager::Result<()>) -> 
 }
 
 fn create(m: &Manager, args: &CreateArgs) -> anyhow::Result<VmEntry> {
-    if args.network != "none" {
-        bail!(
-            "--network {}: only `none` is available in this build (kiln-network is not part of it yet)",
-            args.network
-        );
-    }
-    if let Some(p) = args.publish.first() {
-        bail!("-p {p}: publishing ports needs networking, which this build does not have yet (use --network none)");
-    }
+    let network = args
+        .network
+        .clone()
+        .or_else(|| std::env::var("KILN_NETWORK").ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| kiln_network::DEFAULT_NETWORK.to_string());
     let opts = CreateOptions {
         image: args.image.clone(),
         name: args.name.clone(),
@@ -464,6 +486,8 @@ fn create(m: &Manager, args: &CreateArgs) -> anyhow::Result<VmEntry> {
         disk_size: args.disk_size,
         auto_remove: args.rm,
         network: None,
+        network_name: (network != "none").then_some(network),
+        publish: args.publish.clone(),
     };
     Ok(m.create(&opts, &progress::Bars::new())?)
 }
@@ -646,6 +670,34 @@ fn image(m: &Manager, cmd: ImageCmd) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+fn network(m: &Manager, cmd: NetworkCmd) -> anyhow::Result<i32> {
+    let nets = m.networks();
+    match cmd {
+        NetworkCmd::Ls => {
+            nets.ensure_default()?;
+            println!("{:<16}  {:<18}  {:<16}  VMS", "NAME", "SUBNET", "GATEWAY");
+            for n in nets.list()? {
+                let vms = nets.leases(&n.name)?.len();
+                println!(
+                    "{:<16}  {:<18}  {:<16}  {vms}",
+                    n.name,
+                    n.subnet.to_string(),
+                    n.gateway.to_string()
+                );
+            }
+            Ok(0)
+        }
+        NetworkCmd::Create { name, subnet } => {
+            nets.create(&kiln_network::NetworkConfig::new(&name, subnet)?)?;
+            println!("{name}");
+            Ok(0)
+        }
+        NetworkCmd::Rm { force, names } => {
+            each(&names, |name| nets.remove(name, force).map_err(kiln_manager::ManagerError::from))
+        }
+    }
 }
 
 fn kernel(m: &Manager, cmd: KernelCmd) -> anyhow::Result<i32> {

@@ -12,7 +12,7 @@ use serde_json::json;
 
 const LAB_SCRIPT: &str = r#"
 set -u
-export KILN_ROOT=/tmp/kiln KILN_AGENT_BIN=/usr/bin/kiln-agent-static
+export KILN_ROOT=/tmp/kiln KILN_AGENT_BIN=/usr/bin/kiln-agent-static KILN_NETWORK=none
 kiln image import /lab/oci --name busybox:1; echo "import-exit=$?"
 kiln kernel import /lab/vmlinux --name guest; echo "kernel-exit=$?"
 kiln info

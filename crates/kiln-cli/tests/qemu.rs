@@ -30,6 +30,9 @@ impl Kiln {
         c.args(args)
             .env("KILN_ROOT", self.root.path())
             .env("KILN_AGENT_BIN", static_agent())
+            // These tests run in the host's own network namespace: no bridges or rules there
+            // (networking is tested in namespaces of its own, tests/qemu_network.rs).
+            .env("KILN_NETWORK", "none")
             .env_remove("KILN_LOG")
             .stdin(Stdio::null());
         c

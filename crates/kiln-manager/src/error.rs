@@ -39,6 +39,8 @@ pub enum ManagerError {
     #[error(transparent)]
     Image(#[from] kiln_image::ImageError),
     #[error(transparent)]
+    Network(#[from] kiln_network::NetworkError),
+    #[error(transparent)]
     Hypervisor(#[from] kiln_hypervisor::HypervisorError),
     #[error("cannot use the {backend} backend here: {reason}")]
     BackendUnusable { backend: String, reason: String },

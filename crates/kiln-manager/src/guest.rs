@@ -134,14 +134,42 @@ fn plain(path: &Path) -> Result<String> {
     }
 }
 
+/// The directory the agent is written to: `/sbin`, or where the image's `/sbin` symlink points
+/// (merged-/usr images such as Debian 12: `/sbin -> usr/sbin`), since debugfs follows no
+/// symlinks. The kernel's `init=/sbin/kiln-agent` resolves the link at boot.
+fn agent_dir(disk: &Path) -> Result<String> {
+    let output =
+        Command::new("debugfs")
+            .args(["-R", "stat /sbin"])
+            .arg(disk)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| ManagerError::ToolMissing { tool: "debugfs", package: "e2fsprogs", source })?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let target = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Fast link dest: "))
+        .map(|t| t.trim_matches('"').trim_start_matches('/').trim_end_matches('/'));
+    Ok(match target {
+        // Only a plain link into the root (`usr/sbin`, `/usr/sbin`); anything else is written
+        // over as before.
+        Some(t) if !t.is_empty() && t.split('/').all(|c| !c.is_empty() && c != ".." && c != ".") => {
+            format!("/{t}")
+        }
+        _ => "/sbin".to_string(),
+    })
+}
+
 /// Puts the agent binary and the ssh public key into a VM's disk (once, at creation).
 pub fn inject_agent_and_key(disk: &Path, agent: &Path, ssh_pub: &Path) -> Result<()> {
     let agent = plain(agent)?;
     let key = plain(ssh_pub)?;
+    let dir = agent_dir(disk)?;
+    let dest = format!("{dir}/kiln-agent");
     let script = format!(
-        "mkdir /sbin\nmkdir /etc\nmkdir /etc/kiln\nmkdir /root\nmkdir /root/.ssh\n\
-         rm {AGENT_GUEST_PATH}\nwrite {agent} {AGENT_GUEST_PATH}\n\
-         sif {AGENT_GUEST_PATH} mode 0100755\nsif {AGENT_GUEST_PATH} uid 0\nsif {AGENT_GUEST_PATH} gid 0\n\
+        "mkdir {dir}\nmkdir /etc\nmkdir /etc/kiln\nmkdir /root\nmkdir /root/.ssh\n\
+         rm {dest}\nwrite {agent} {dest}\n\
+         sif {dest} mode 0100755\nsif {dest} uid 0\nsif {dest} gid 0\n\
          sif /root/.ssh mode 040700\n\
          rm /root/.ssh/authorized_keys\nwrite {key} /root/.ssh/authorized_keys\n\
          sif /root/.ssh/authorized_keys mode 0100600\nsif /root/.ssh/authorized_keys uid 0\n\
@@ -158,6 +186,21 @@ pub fn write_agent_config(disk: &Path, config_file: &Path) -> Result<()> {
          sif {AGENT_CONFIG_GUEST_PATH} mode 0100644\n"
     );
     debugfs(disk, &script, &["File not found by ext2_lookup"])
+}
+
+/// Writes the guest's `/etc/resolv.conf` (replacing the image's file or link, as Docker does) with
+/// the name servers its network hands out.
+pub fn write_resolv_conf(disk: &Path, servers: &[std::net::Ipv4Addr]) -> Result<()> {
+    let tmp = disk.with_extension("resolv.conf");
+    let text: String = servers.iter().map(|s| format!("nameserver {s}\n")).collect();
+    fs::write(&tmp, text).map_err(io_err("writing", &tmp))?;
+    let source = plain(&tmp)?;
+    let script = format!(
+        "mkdir /etc\nrm /etc/resolv.conf\nwrite {source} /etc/resolv.conf\nsif /etc/resolv.conf mode 0100644\n"
+    );
+    let result = debugfs(disk, &script, &["directory already exists", "File not found by ext2_lookup"]);
+    let _ = fs::remove_file(&tmp);
+    result
 }
 
 /// Generates the VM's ed25519 key pair with `ssh-keygen` (no passphrase).
@@ -214,6 +257,32 @@ mod tests {
         assert_eq!(main_exit_from_console(&log, 0), Some(137));
         assert_eq!(main_exit_from_console(&log, 2), Some(137));
         assert_eq!(main_exit_from_console(&log, 100), None);
+    }
+
+    #[test]
+    fn the_agent_goes_through_a_merged_usr_sbin_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("usr/sbin")).unwrap();
+        std::os::unix::fs::symlink("usr/sbin", root.join("sbin")).unwrap();
+        let disk = dir.path().join("disk.ext4");
+        let mkfs =
+            Command::new("mkfs.ext4").args(["-q", "-d"]).arg(&root).arg(&disk).arg("8M").output().unwrap();
+        assert!(mkfs.status.success(), "{}", String::from_utf8_lossy(&mkfs.stderr));
+        let agent = dir.path().join("agent");
+        let key = dir.path().join("key.pub");
+        fs::write(&agent, b"\x7fELF agent").unwrap();
+        fs::write(&key, b"ssh-ed25519 AAAA test").unwrap();
+        inject_agent_and_key(&disk, &agent, &key).unwrap();
+        let cat = |path: &str| {
+            let out =
+                Command::new("debugfs").args(["-R", &format!("cat {path}")]).arg(&disk).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert_eq!(cat("/usr/sbin/kiln-agent"), "\x7fELF agent");
+        assert_eq!(cat("/root/.ssh/authorized_keys"), "ssh-ed25519 AAAA test");
+        let sbin = Command::new("debugfs").args(["-R", "stat /sbin"]).arg(&disk).output().unwrap();
+        assert!(String::from_utf8_lossy(&sbin.stdout).contains("Type: symlink"), "the link must stay a link");
     }
 
     #[test]

@@ -8,8 +8,11 @@
 //! attach, copies, graceful shutdown) and reconciling records with live VMM processes, so a VMM
 //! that died reads as exited with its code, never as running.
 //!
+//! Networking is `kiln-network`'s: a VM created with a network gets its lease, tap and published
+//! ports from it (state under `<root>/networks`) and gives them back on `rm`.
+//!
 //! Must not: print to the terminal (the CLI renders what this returns), create bridges, taps or
-//! NAT rules (a [`NetworkAttachment`] from `kiln-network` is only passed on), or link a VMM.
+//! NAT rules itself (it asks `kiln-network`), or link a VMM.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -53,6 +56,7 @@ pub struct Manager {
     images: ImageStore,
     kernels: KernelStore,
     vms: VmStore,
+    networks: kiln_network::Networks,
     probe: HostProbe,
     options: ManagerOptions,
 }
@@ -85,12 +89,14 @@ impl Manager {
             images: ImageStore::open(root)?,
             kernels: KernelStore::open(root)?,
             vms: VmStore::open(root)?,
+            networks: kiln_network::Networks::open(&root.join("networks"))?,
             probe: HostProbe::detect(),
             options,
         };
         {
             let _lock = manager.vms.lock()?;
             manager.vms.repair()?;
+            manager.reclaim_network_leases();
         }
         Ok(manager)
     }
@@ -105,6 +111,30 @@ impl Manager {
 
     pub fn kernels(&self) -> &KernelStore {
         &self.kernels
+    }
+
+    /// The networks VMs attach to (`kiln network ...`).
+    pub fn networks(&self) -> &kiln_network::Networks {
+        &self.networks
+    }
+
+    /// Gives back the leases (taps, rules) of VMs whose records are gone — a crash between
+    /// attaching and recording, or a VM directory removed by hand. Best effort: a failure (e.g.
+    /// no privilege to remove a tap) is logged and retried by the next command.
+    fn reclaim_network_leases(&self) {
+        let Ok(known) = self.vms.list() else { return };
+        let ids: std::collections::HashSet<String> = known.into_iter().map(|e| e.id).collect();
+        for network in self.networks.list().unwrap_or_default() {
+            let has_dead = self
+                .networks
+                .leases(&network.name)
+                .is_ok_and(|leases| leases.iter().any(|l| !ids.contains(&l.vm_id)));
+            if has_dead {
+                if let Err(e) = self.networks.reclaim(&network.name, &|vm| ids.contains(vm)) {
+                    tracing::warn!(network = %network.name, error = %e, "could not reclaim leases of removed VMs");
+                }
+            }
+        }
     }
 
     /// What each backend can do on this host (`kiln info`).

@@ -37,7 +37,13 @@ pub struct CreateOptions {
     pub memory_mib: u32,
     pub disk_size: Option<u64>,
     pub auto_remove: bool,
+    /// A tap the caller made (kept as is, never removed by Kiln). Takes precedence over
+    /// `network_name`.
     pub network: Option<NetworkAttachment>,
+    /// The kiln-network network to attach to (`kiln0` is made on first use); none: no network.
+    pub network_name: Option<String>,
+    /// Ports to publish (`-p HOST:GUEST[/proto]`); needs `network_name`.
+    pub publish: Vec<kiln_network::PortMapping>,
 }
 
 impl Default for CreateOptions {
@@ -54,6 +60,8 @@ impl Default for CreateOptions {
             disk_size: None,
             auto_remove: false,
             network: None,
+            network_name: None,
+            publish: Vec::new(),
         }
     }
 }
@@ -150,6 +158,12 @@ impl Manager {
                 detail: format!("{bad:?} is not KEY=VALUE"),
             });
         }
+        if !opts.publish.is_empty() && (opts.network.is_some() || opts.network_name.is_none()) {
+            return Err(ManagerError::InvalidInput {
+                what: "-p",
+                detail: "publishing ports needs a Kiln network; drop `--network none`".into(),
+            });
+        }
         self.backend(opts.backend)?;
         let image = self.images.resolve(&opts.image)?;
         let config = self.images.config(&image)?.config;
@@ -205,6 +219,15 @@ impl Manager {
             self.vms.save(&entry)?;
         }
         let made = (|| {
+            let (network, dns) = match (&opts.network, &opts.network_name) {
+                (Some(given), _) => (Some(given.clone()), Vec::new()),
+                (None, Some(net)) => {
+                    let attachment = self.attach_network(net, &id, &opts.publish)?;
+                    let dns = attachment.dns.clone();
+                    (Some(attachment.into()), dns)
+                }
+                (None, None) => (None, Vec::new()),
+            };
             self.images.vm_disk(
                 &opts.image,
                 &paths.disk,
@@ -213,14 +236,24 @@ impl Manager {
                 progress,
             )?;
             guest::generate_ssh_key(&paths.ssh_key, &format!("kiln-{name}"))?;
-            guest::inject_agent_and_key(&paths.disk, &agent, &paths.ssh_key.with_extension("pub"))
+            guest::inject_agent_and_key(&paths.disk, &agent, &paths.ssh_key.with_extension("pub"))?;
+            if !dns.is_empty() {
+                guest::write_resolv_conf(&paths.disk, &dns)?;
+            }
+            Ok(network)
         })();
         let _lock = self.vms.lock()?;
-        if let Err(e) = made {
-            self.vms.remove_dir(&id)?;
-            return Err(e);
-        }
-        let entry = VmEntry { status: VmStatus::Created, creator: None, ..entry };
+        let network = match made {
+            Ok(network) => network,
+            Err(e) => {
+                if let Err(undo) = self.networks.detach_everywhere(&id) {
+                    tracing::warn!(vm = %name, error = %undo, "could not undo the network attachment");
+                }
+                self.forget(&entry)?;
+                return Err(e);
+            }
+        };
+        let entry = VmEntry { status: VmStatus::Created, creator: None, network, ..entry };
         self.vms.save(&entry)?;
         Ok(entry)
     }
@@ -267,7 +300,7 @@ impl Manager {
         entry.exit = Some(ExitInfo { main_code, vmm: vmm_exit });
         entry.finished_at = Some(now_secs());
         if entry.auto_remove {
-            self.vms.remove_dir(&entry.id)?;
+            self.forget(&entry)?;
             return Ok(None);
         }
         self.vms.save(&entry)?;
@@ -321,6 +354,10 @@ impl Manager {
         spec.root_disk = Some(DiskSpec { path: paths.disk.clone(), read_only: false });
         spec.agent = Some(AgentSpec::default());
         if let Some(net) = &entry.network {
+            if let Some(name) = &net.network {
+                // Idempotent; brings back the tap and rules should the host have lost them (reboot).
+                self.networks.attach(name, &entry.id, &net.ports)?;
+            }
             spec.network_interfaces.push(NetSpec { tap: net.tap.clone(), mac: net.mac.clone() });
         }
         entry.console_offset = fs::metadata(&paths.console).map(|m| m.len()).unwrap_or(0);
@@ -495,8 +532,30 @@ impl Manager {
             }
             VmStatus::Created | VmStatus::Exited => {}
         }
-        self.vms.remove_dir(&entry.id)?;
+        self.forget(&entry)?;
         Ok(entry)
+    }
+
+    /// Attaches VM `id` to network `name` (recording `kiln0` on first use).
+    fn attach_network(
+        &self,
+        name: &str,
+        id: &str,
+        publish: &[kiln_network::PortMapping],
+    ) -> Result<kiln_network::Attachment> {
+        if name == kiln_network::DEFAULT_NETWORK {
+            self.networks.ensure_default()?;
+        }
+        Ok(self.networks.attach(name, id, publish)?)
+    }
+
+    /// Removes a VM for good: its network attachment (tap, rules, lease), then its directory.
+    /// Call with the lock held.
+    fn forget(&self, entry: &VmEntry) -> Result<()> {
+        if let Some(network) = entry.network.as_ref().and_then(|n| n.network.as_deref()) {
+            self.networks.detach(network, &entry.id)?;
+        }
+        self.vms.remove_dir(&entry.id)
     }
 
     /// The VM's directory (disk, console log, keys, hypervisor state).

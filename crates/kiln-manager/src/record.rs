@@ -100,6 +100,25 @@ pub struct NetworkAttachment {
     pub mac: Option<String>,
     /// Guest address on eth0; none: the guest leaves eth0 unconfigured.
     pub guest: Option<GuestAddress>,
+    /// The kiln-network network that made the tap and leased the address (detached on `rm`);
+    /// none for a tap the caller made.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Published ports (`-p`).
+    #[serde(default)]
+    pub ports: Vec<kiln_network::PortMapping>,
+}
+
+impl From<kiln_network::Attachment> for NetworkAttachment {
+    fn from(a: kiln_network::Attachment) -> Self {
+        NetworkAttachment {
+            tap: a.tap,
+            mac: Some(a.mac),
+            guest: Some(GuestAddress { address: a.ip, prefix_len: a.prefix, gateway: Some(a.gateway) }),
+            network: Some(a.network),
+            ports: a.ports,
+        }
+    }
 }
 
 impl NetworkAttachment {
@@ -169,6 +188,8 @@ mod tests {
                 prefix_len: 24,
                 gateway: Some("10.88.0.1".parse().unwrap()),
             }),
+            network: None,
+            ports: vec![],
         };
         assert_eq!(net.kernel_param().unwrap(), "ip=10.88.0.5::10.88.0.1:255.255.255.0::eth0:off");
         assert_eq!(NetworkAttachment { guest: None, ..net }.kernel_param(), None);

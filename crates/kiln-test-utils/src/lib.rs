@@ -5,7 +5,9 @@
 //! step; this crate only runs it) and the static agent (`scripts/build-agent`), assembling small
 //! purpose-built guest images with binutils, waiting helpers, the lab's retry-on-silent-reset
 //! wrapper; OCI fixtures ([`oci`]: raw tar layers, oci-layout directories, a busybox image) and a
-//! real registry ([`registry`]: Debian's `docker-registry` on 127.0.0.1, `skopeo` pushes).
+//! real registry ([`registry`]: Debian's `docker-registry` on 127.0.0.1, `skopeo` pushes); the
+//! Debian+sshd image for ssh tests ([`ssh_image`], built by `scripts/ssh-image`); network
+//! namespaces a test makes and removes ([`netns`]).
 //! Must not: be a dependency of anything but tests, or hide a failure as a skip.
 #![allow(clippy::unwrap_used)]
 
@@ -160,6 +162,7 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+pub mod netns;
 pub mod oci;
 pub mod registry;
 
@@ -197,6 +200,27 @@ pub fn static_agent() -> &'static Path {
     AGENT.get_or_init(|| {
         let path = PathBuf::from(run_script("build-agent").trim());
         assert!(path.is_file(), "scripts/build-agent printed {path:?}, which is not a file");
+        path
+    })
+}
+
+/// The ref name of the image in [`ssh_image`]'s layout.
+pub const SSH_IMAGE_REF: &str = "bookworm-ssh";
+
+/// The Debian bookworm minbase image with openssh-server (an oci-layout dir, image
+/// [`SSH_IMAGE_REF`], Entrypoint `sh -c 'mkdir -p /run/sshd && exec /usr/sbin/sshd -D -e'`), built by `scripts/ssh-image` with
+/// debootstrap the first time (a few minutes, needs root) and cached under `~/.cache/kiln`.
+/// Push it with `LocalRegistry::push_oci(ssh_image(), SSH_IMAGE_REF, "debian/ssh:bookworm")`.
+pub fn ssh_image() -> &'static Path {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let stdout = run_script("ssh-image");
+        let path = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("KILN_SSH_IMAGE="))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("scripts/ssh-image printed no KILN_SSH_IMAGE=: {stdout}"));
+        assert!(path.join("index.json").is_file(), "{path:?} is not an oci-layout dir");
         path
     })
 }
