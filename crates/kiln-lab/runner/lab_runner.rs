@@ -59,6 +59,7 @@ const SIGTERM: i32 = 15;
 const SIGKILL: i32 = 9;
 const SIGCHLD: i32 = 17;
 const SIG_BLOCK: i32 = 0;
+const SIG_UNBLOCK: i32 = 1;
 const RB_AUTOBOOT: i32 = 0x0123_4567;
 const KVM_GET_API_VERSION: u64 = 0xAE00;
 const KVM_CREATE_VM: u64 = 0xAE01;
@@ -211,6 +212,18 @@ impl Runner {
             let mut c = Command::new("/bin/sh");
             c.arg("-c").arg(cmd).stdin(Stdio::null()).stdout(out).stderr(err);
             c.current_dir("/").process_group(0);
+            // The runner blocks SIGCHLD (to take it with sigtimedwait) and a signal mask survives
+            // exec: a step shell with SIGCHLD blocked hangs forever in `wait` for a running child
+            // (busybox ash sleeps in sigsuspend for a signal that never arrives).
+            let sigchld = self.sigchld;
+            // SAFETY: runs in the forked child before exec; sigprocmask is async-signal-safe and
+            // `sigchld` is a copied, initialised sigset_t-sized buffer.
+            unsafe {
+                c.pre_exec(move || {
+                    sigprocmask(SIG_UNBLOCK, &sigchld, std::ptr::null_mut());
+                    Ok(())
+                });
+            }
             for (k, v) in &self.env {
                 c.env(k, v);
             }
@@ -438,7 +451,7 @@ fn run(scenario: &str, results: &str) -> Result<(), String> {
     set_raw(&out);
     let mut sigchld = [0u64; 16];
     // SAFETY: `sigchld` is a sigset_t-sized buffer; blocking SIGCHLD lets sigtimedwait take it.
-    // Children get an empty mask again from std::process::Command.
+    // Step shells get SIGCHLD unblocked again before exec (see `spawn`).
     unsafe {
         sigemptyset(&mut sigchld);
         sigaddset(&mut sigchld, SIGCHLD);

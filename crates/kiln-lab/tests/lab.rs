@@ -62,6 +62,9 @@ fn lab_scenario() -> TestResult {
         )
         .step("io", "echo \"out $LAB_TEST_VAR\"; cat /lab/data/note.txt; echo err >&2; sleep 0.3")
         .step("fail", "echo failing >&2; exit 7")
+        // A step shell can `wait` for a running background child (it must not inherit the
+        // runner's blocked SIGCHLD, or busybox ash waits forever).
+        .step("wait", "grep SigBlk /proc/self/status; sleep 0.5 & wait $!; echo waited-$?")
         .step("signal", "kill -9 $$")
         .step("rss", "dd if=/dev/zero of=/dev/null bs=48M count=1 2>/dev/null")
         .step("big", "head -c 1500000 /dev/zero | tr '\\0' x")
@@ -120,6 +123,9 @@ fn lab_scenario() -> TestResult {
     assert_eq!(big.stdout.len(), 1 << 20);
     assert!(big.stdout.iter().all(|&b| b == b'x'));
     assert_eq!(big.stdout_dropped, 1_500_000 - (1 << 20));
+
+    let wait = report.step("wait")?.ensure_success()?;
+    assert_eq!(wait.stdout_str(), "SigBlk:\t0000000000000000\nwaited-0\n");
 
     // Background steps: one waited for, one stopped at the end of the scenario.
     let server = report.step("server")?.ensure_success()?;
