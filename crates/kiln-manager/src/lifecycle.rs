@@ -150,6 +150,7 @@ impl Manager {
                 detail: format!("{bad:?} is not KEY=VALUE"),
             });
         }
+        phase!("create: begin");
         self.backend(opts.backend)?;
         let image = self.images.resolve(&opts.image)?;
         let config = self.images.config(&image)?.config;
@@ -212,8 +213,12 @@ impl Manager {
                 &RootfsOptions::default(),
                 progress,
             )?;
+            phase!("create: disk copied");
             guest::generate_ssh_key(&paths.ssh_key, &format!("kiln-{name}"))?;
-            guest::inject_agent_and_key(&paths.disk, &agent, &paths.ssh_key.with_extension("pub"))
+            phase!("create: ssh key generated");
+            guest::inject_agent_and_key(&paths.disk, &agent, &paths.ssh_key.with_extension("pub"))?;
+            phase!("create: agent and key injected");
+            Ok(())
         })();
         let _lock = self.vms.lock()?;
         if let Err(e) = made {
@@ -313,6 +318,7 @@ impl Manager {
         );
         fs::write(&paths.agent_config, config).map_err(io_err("writing", &paths.agent_config))?;
         guest::write_agent_config(&paths.disk, &paths.agent_config)?;
+        phase!("start: agent config written");
 
         let mut spec = VmSpec::new(&entry.name, kernel, &guest::kernel_cmdline(&entry), &paths.run);
         spec.console_log = paths.console.clone();
@@ -325,10 +331,12 @@ impl Manager {
         }
         entry.console_offset = fs::metadata(&paths.console).map(|m| m.len()).unwrap_or(0);
         let vm = backend.create(&spec)?;
+        phase!("start: VMM created");
         if let Err(e) = vm.start() {
             let _ = vm.kill();
             return Err(e.into());
         }
+        phase!("start: guest started");
         entry.status = VmStatus::Running;
         entry.started_at = Some(now_secs());
         entry.finished_at = None;
@@ -360,8 +368,10 @@ impl Manager {
         let stream = channel
             .connect(timeout)
             .map_err(|source| ManagerError::AgentConnect { name: entry.name.clone(), source })?;
+        phase!("agent: connected");
         let client = Client::from_stream(stream, timeout)
             .map_err(|source| ManagerError::Agent { name: entry.name.clone(), source })?;
+        phase!("agent: handshake done");
         // The guest has no RTC: give it the host's time (best effort; older agents may refuse).
         let _ = client.set_time(std::time::SystemTime::now());
         Ok(client)
@@ -372,6 +382,7 @@ impl Manager {
         let client = self.agent(name)?;
         let process =
             client.attach_main().map_err(|source| ManagerError::Agent { name: name.to_string(), source })?;
+        phase!("agent: main process attached");
         Ok((client, process))
     }
 
@@ -379,6 +390,7 @@ impl Manager {
     /// for the guest to power off (killing it after a while), records the exit, removes a `--rm` VM.
     /// Returns the exit code `kiln run` exits with.
     pub fn finish_attached(&self, name: &str, status: Option<ExitStatus>) -> Result<i32> {
+        phase!("finish: main process ended");
         let entry = self.inspect(name)?;
         if entry.status.is_live() {
             let vm = self.handle(&entry)?;
@@ -387,10 +399,12 @@ impl Manager {
                 vm.kill()?;
             }
         }
+        phase!("finish: guest powered off");
         let _lock = self.vms.lock()?;
         let entry = self.vms.find(name)?;
         let code = status.map(|s| s.shell_code());
         let entry = self.reconcile(entry, code)?;
+        phase!("finish: recorded (and removed with --rm)");
         Ok(code.or_else(|| entry.and_then(|e| e.exit_code())).unwrap_or(255))
     }
 
