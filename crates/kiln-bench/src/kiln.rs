@@ -260,8 +260,9 @@ impl KilnPlan {
         }
         let density = match report.step("density") {
             Err(e) => Err(e.to_string()),
-            Ok(s) => serde_json::from_str::<DensityResult>(s.stdout_str().trim())
-                .map_err(|e| format!("density output unreadable ({e}): {}{}", s.stdout_str(), s.stderr_str())),
+            Ok(s) => serde_json::from_str::<DensityResult>(s.stdout_str().trim()).map_err(|e| {
+                format!("density output unreadable ({e}): {}{}", s.stdout_str(), s.stderr_str())
+            }),
         };
         Ok(LabPart { timed, setup_log, density, lab_boot: report.lab_boot_time, total: report.total_time })
     }
@@ -327,13 +328,16 @@ fn meminfo_kib(key: &str) -> Result<u64> {
 
 fn rollup_kib(pid: u32, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.trim().strip_suffix(" kB")?.trim().parse().ok())
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.trim().strip_suffix(" kB")?.trim().parse().ok())
 }
 
 fn kiln_vmm_pids() -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "kiln-vmm"))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "kiln-vmm")
+        })
         .collect()
 }
 
@@ -347,11 +351,8 @@ pub fn density(max: usize, memory_mib: u32, reserve_mib: u64) -> Result<DensityR
     for i in 0..max {
         let available = meminfo_kib("MemAvailable")?;
         if available < reserve_mib * 1024 {
-            stop_reason = format!(
-                "MemAvailable {} MiB < {reserve_mib} MiB before VM {}",
-                available / 1024,
-                i + 1
-            );
+            stop_reason =
+                format!("MemAvailable {} MiB < {reserve_mib} MiB before VM {}", available / 1024, i + 1);
             break;
         }
         let t = Instant::now();
@@ -362,7 +363,11 @@ pub fn density(max: usize, memory_mib: u32, reserve_mib: u64) -> Result<DensityR
             .output()
             .context("running kiln")?;
         if !out.status.success() {
-            stop_reason = format!("kiln run -d of VM {} failed: {}", i + 1, String::from_utf8_lossy(&out.stderr).trim());
+            stop_reason = format!(
+                "kiln run -d of VM {} failed: {}",
+                i + 1,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
             break;
         }
         start_ms.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -444,7 +449,8 @@ pub fn overhead_line(what: &str, kiln: &[f64], peer: &[f64], target_ms: Option<f
 
 /// The lab part's report (Markdown, also readable as text).
 pub fn lab_report(plan: &KilnPlan, part: &LabPart) -> String {
-    let values = |s: Series| part.timed.iter().filter(|t| t.series == s).filter_map(Timed::ms).collect::<Vec<_>>();
+    let values =
+        |s: Series| part.timed.iter().filter(|t| t.series == s).filter_map(Timed::ms).collect::<Vec<_>>();
     let (kiln, bare, create) = (values(Series::KilnRun), values(Series::Bare), values(Series::CreateRm));
     let mut r = String::new();
     let _ = writeln!(r, "{TABLE_HEAD}");
@@ -452,7 +458,11 @@ pub fn lab_report(plan: &KilnPlan, part: &LabPart) -> String {
     let _ = writeln!(r, "{}", row("bare `kiln-vmm --config-file`, init `busybox reboot -f`", &bare));
     let _ = writeln!(r, "{}", row(&format!("`kiln create {IMAGE} true` + `kiln rm` (no boot)"), &create));
     let _ = writeln!(r);
-    let _ = writeln!(r, "- **{}.**", overhead_line("kiln run vs bare kiln-vmm", &kiln, &bare, Some(OVERHEAD_TARGET_MS)));
+    let _ = writeln!(
+        r,
+        "- **{}.**",
+        overhead_line("kiln run vs bare kiln-vmm", &kiln, &bare, Some(OVERHEAD_TARGET_MS))
+    );
     let logs: Vec<&str> = part
         .timed
         .iter()
@@ -461,7 +471,10 @@ pub fn lab_report(plan: &KilnPlan, part: &LabPart) -> String {
         .collect();
     let phases = phase_durations(&logs);
     if !phases.is_empty() {
-        let _ = writeln!(r, "\n`kiln run`'s phases (`KILN_LOG=kiln::phase=debug` marks, median over the runs):\n");
+        let _ = writeln!(
+            r,
+            "\n`kiln run`'s phases (`KILN_LOG=kiln::phase=debug` marks, median over the runs):\n"
+        );
         let _ = writeln!(r, "| phase | min ms | median ms | max ms |\n|---|---|---|---|");
         for (label, v) in &phases {
             if let Some(s) = summarize(v) {
@@ -491,7 +504,11 @@ pub fn lab_report(plan: &KilnPlan, part: &LabPart) -> String {
             let _ = writeln!(r, "- {f}");
         }
     }
-    let _ = writeln!(r, "\nDensity ({} MiB VMs, lab of {} MiB):\n", plan.density_memory_mib, plan.density_lab_mib);
+    let _ = writeln!(
+        r,
+        "\nDensity ({} MiB VMs, lab of {} MiB):\n",
+        plan.density_memory_mib, plan.density_lab_mib
+    );
     match &part.density {
         Ok(d) => {
             let rss: Vec<f64> = d.vmms.iter().map(|v| v.rss_kib as f64 / 1024.0).collect();
@@ -521,8 +538,12 @@ pub fn lab_report(plan: &KilnPlan, part: &LabPart) -> String {
                     / 1024.0
                     / d.started.max(1) as f64
             );
-            let _ = writeln!(r, "- `kiln run -d` per VM: {} ms; `kiln exec VM true`: {} ms (min / median / max).",
-                fmt(&d.start_ms), fmt(&d.exec_ms));
+            let _ = writeln!(
+                r,
+                "- `kiln run -d` per VM: {} ms; `kiln exec VM true`: {} ms (min / median / max).",
+                fmt(&d.start_ms),
+                fmt(&d.exec_ms)
+            );
         }
         Err(e) => {
             let _ = writeln!(r, "- not measured: {}", e.lines().take(5).collect::<Vec<_>>().join(" / "));
@@ -553,19 +574,26 @@ pub fn time_command(cmd: &mut Command) -> Result<f64> {
 pub fn bare_qemu_command(qemu: &Path, vmlinux: &Path, disk: &Path, memory_mib: u32, accel: &str) -> Command {
     let mut c = Command::new(qemu);
     let cpu = if accel == "kvm" { "host" } else { "max" };
-    c.args(["-M", "microvm,pit=on,acpi=off,auto-kernel-cmdline=off,ioapic2=off", "-accel", accel, "-cpu", cpu])
-        .args(["-smp", "1", "-m", &format!("{memory_mib}M")])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-        .args(["-serial", "null", "-device", "i8042", "-kernel"])
-        .arg(vmlinux)
-        .arg("-append")
-        .arg(format!(
-            "{QEMU_CMDLINE} root=/dev/vda rw {} {BARE_INIT}",
-            kiln_hypervisor::qemu::virtio_mmio_param(0)
-        ))
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=none,id=disk0", disk.display()))
-        .args(["-device", "virtio-blk-device,drive=disk0"]);
+    c.args([
+        "-M",
+        "microvm,pit=on,acpi=off,auto-kernel-cmdline=off,ioapic2=off",
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+    ])
+    .args(["-smp", "1", "-m", &format!("{memory_mib}M")])
+    .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+    .args(["-serial", "null", "-device", "i8042", "-kernel"])
+    .arg(vmlinux)
+    .arg("-append")
+    .arg(format!(
+        "{QEMU_CMDLINE} root=/dev/vda rw {} {BARE_INIT}",
+        kiln_hypervisor::qemu::virtio_mmio_param(0)
+    ))
+    .arg("-drive")
+    .arg(format!("file={},format=raw,if=none,id=disk0", disk.display()))
+    .args(["-device", "virtio-blk-device,drive=disk0"]);
     c
 }
 
@@ -593,7 +621,11 @@ pub struct Pair {
 }
 
 impl Pair {
-    fn measure(runs: usize, mut kiln: impl FnMut() -> Result<f64>, mut peer: impl FnMut() -> Result<f64>) -> Pair {
+    fn measure(
+        runs: usize,
+        mut kiln: impl FnMut() -> Result<f64>,
+        mut peer: impl FnMut() -> Result<f64>,
+    ) -> Pair {
         let mut pair = Pair::default();
         for round in 0..runs {
             for first in [round % 2 == 0, round % 2 != 0] {
@@ -633,7 +665,8 @@ pub fn host_qemu(plan: &KilnPlan, qemu: &Path, runs: usize, accel: &str) -> Resu
     time_command(Command::new("cp").arg("--sparse=always").arg(&cache).arg(&disk))?;
     let bare = || bare_qemu_command(qemu, &plan.vmlinux, &disk, plan.memory_mib, accel);
     time_command(&mut bare()).context("the warm-up bare QEMU boot")?;
-    let pair = Pair::measure(runs, || time_command(&mut kiln_cmd(plan, r, &run)), || time_command(&mut bare()));
+    let pair =
+        Pair::measure(runs, || time_command(&mut kiln_cmd(plan, r, &run)), || time_command(&mut bare()));
     let peer = format!("{:?}", bare()).replace('"', "");
     Ok((pair, peer))
 }
@@ -719,6 +752,9 @@ mod tests {
         assert_eq!(names, ["kiln-run-1", "bare-1", "create-rm-1", "bare-2", "create-rm-2", "kiln-run-2"]);
         assert!(plan.series_command(Series::Bare).contains("--config-file /lab/bare.json"));
         let cfg: serde_json::Value = serde_json::from_slice(&plan.bare_config()).unwrap();
-        assert!(cfg["boot-source"]["boot_args"].as_str().unwrap().ends_with("init=/bin/busybox -- reboot -f"));
+        assert!(cfg["boot-source"]["boot_args"]
+            .as_str()
+            .unwrap()
+            .ends_with("init=/bin/busybox -- reboot -f"));
     }
 }

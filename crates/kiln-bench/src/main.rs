@@ -379,8 +379,11 @@ fn kiln_bench(a: &KilnArgs) -> Result<()> {
         eprintln!("kiln-bench: kiln: cold pull vs skopeo copy, {} pairs", a.pull_runs);
         let (pair, image) = kiln::pull(&plan, a.pull_runs, a.pull_mb)?;
         let mut s = format!("**Cold pull** (host; image: {image}; each run into a fresh store / dir):\n\n");
-        s.push_str(&pair.table("`kiln image pull` (fresh state root)", "`skopeo copy docker://... dir:` (peer)"));
-        let _ = writeln!(s, "\n- {}.", kiln::overhead_line("kiln pull vs skopeo", &pair.kiln, &pair.peer, None));
+        s.push_str(
+            &pair.table("`kiln image pull` (fresh state root)", "`skopeo copy docker://... dir:` (peer)"),
+        );
+        let _ =
+            writeln!(s, "\n- {}.", kiln::overhead_line("kiln pull vs skopeo", &pair.kiln, &pair.peer, None));
         eprintln!("{s}");
         sections.push(s);
     }
@@ -419,7 +422,12 @@ fn kiln_bench(a: &KilnArgs) -> Result<()> {
             "**kiln-vmm in the lab** ({} MiB, 1 vCPU, warm cache; lab of {} MiB; setup: {}):\n\n",
             a.memory_mib,
             a.lab_mib,
-            part.setup_log.lines().filter(|l| l.starts_with("bare boot")).collect::<Vec<_>>().join(" ").trim()
+            part.setup_log
+                .lines()
+                .filter(|l| l.starts_with("bare boot"))
+                .collect::<Vec<_>>()
+                .join(" ")
+                .trim()
         );
         s.push_str(&kiln::lab_report(&plan, &part));
         eprintln!("{s}");

@@ -109,7 +109,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
-    /// Copy a file between the host and a VM: `kiln cp VM:/path host-path` or `kiln cp host-path VM:/path`.
+    /// Copy a file or directory between the host and a VM: `kiln cp VM:/path host-path` (into host-path
+    /// when it is a directory) or `kiln cp host-path VM:/path` (a directory's contents into VM:/path).
     Cp { src: String, dst: String },
     /// Pause VMs' vCPUs.
     Pause {

@@ -23,6 +23,7 @@ macro_rules! phase {
     };
 }
 
+pub mod copy;
 pub mod error;
 pub mod guest;
 pub mod kernels;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_agent_proto::{Client, CopyFormat, ExitStatus, Process, ShutdownAction};
+use kiln_agent_proto::{Client, ExitStatus, Process, ShutdownAction};
 use kiln_hypervisor::{
     open_backend, AgentSpec, BackendKind, DiskSpec, NetSpec, ProcessId, Vm, VmExit, VmRecord, VmSpec,
 };
@@ -523,42 +523,16 @@ impl Manager {
         Ok(self.vms.paths(&self.vms.find(name)?.id).console)
     }
 
-    /// Copies a host file into the guest (`mode` defaults to the host file's permission bits).
+    /// Copies a host file or directory into the guest (see [`crate::copy::copy_in`]).
     pub fn copy_in(&self, name: &str, host: &Path, guest_path: &str) -> Result<u64> {
-        let file = fs::File::open(host).map_err(io_err("opening", host))?;
-        let meta = file.metadata().map_err(io_err("inspecting", host))?;
-        if !meta.is_file() {
-            return Err(ManagerError::InvalidInput {
-                what: "copy source",
-                detail: format!("{} is not a regular file (only files can be copied)", host.display()),
-            });
-        }
-        use std::os::unix::fs::PermissionsExt;
-        let client = self.agent(name)?;
-        client
-            .copy_in(guest_path, Some(meta.permissions().mode() & 0o7777), CopyFormat::File, file)
-            .map_err(|source| ManagerError::Agent { name: name.to_string(), source })
+        // Checked before the agent is reached: a typo should not wait for a booting guest.
+        fs::metadata(host).map_err(io_err("inspecting", host))?;
+        crate::copy::copy_in(&self.agent(name)?, name, host, guest_path)
     }
 
-    /// Copies a guest file to a host file (written to a temp file, renamed when complete).
+    /// Copies a guest file or directory to the host (see [`crate::copy::copy_out`]).
     pub fn copy_out(&self, name: &str, guest_path: &str, host: &Path) -> Result<u64> {
-        let client = self.agent(name)?;
-        let tmp = host.with_file_name(format!(
-            ".{}.kiln-tmp",
-            host.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-        ));
-        let out = fs::File::create(&tmp).map_err(io_err("creating", &tmp))?;
-        let copied = client.copy_out(guest_path, CopyFormat::File, out);
-        match copied {
-            Ok(n) => {
-                fs::rename(&tmp, host).map_err(io_err("renaming into", host))?;
-                Ok(n)
-            }
-            Err(source) => {
-                let _ = fs::remove_file(&tmp);
-                Err(ManagerError::Agent { name: name.to_string(), source })
-            }
-        }
+        crate::copy::copy_out(&self.agent(name)?, name, guest_path, host)
     }
 
     /// The system `ssh` command for a VM, with its key. Without a network address the connection
