@@ -205,14 +205,14 @@ impl KilnPlan {
             "set -e\nkiln image import /lab/oci --name {IMAGE} >/dev/null\nkiln kernel import /lab/vmlinux \
              --name guest >/dev/null\nkiln run --rm --memory {m}M {IMAGE} echo warm\n\
              cache=$(find {LAB_ROOT}/images -name '*.ext4' | head -n 1)\necho \"rootfs cache: $cache\"\n\
-             cp --sparse=always \"$cache\" {LAB_BARE_DISK}\n\
+             cp \"$cache\" {LAB_BARE_DISK}\n\
              echo \"bare boot, for reference: $(kiln-vmm --no-api --no-stdin --config-file {LAB_BARE_CONFIG} \
              | tail -n 3 | tr '\\n' ' ')\"\n",
             m = self.memory_mib
         );
         let rounds = self.rounds();
         let density = format!(
-            "/usr/bin/kiln-bench density --max {} --memory-mib {} --reserve-mib {}",
+            "rm -f {LAB_BARE_DISK}; /usr/bin/kiln-bench density --max {} --memory-mib {} --reserve-mib {}",
             self.density_max, self.density_memory_mib, self.density_reserve_mib
         );
         let mut lab = kiln_lab::Lab::new()
@@ -447,6 +447,27 @@ pub fn overhead_line(what: &str, kiln: &[f64], peer: &[f64], target_ms: Option<f
     }
 }
 
+/// `kiln run`'s phases as a Markdown table (empty when the logs carry no marks).
+pub fn phase_table(logs: &[&str]) -> String {
+    let phases = phase_durations(logs);
+    let mut r = String::new();
+    if phases.is_empty() {
+        return r;
+    }
+    let _ = writeln!(
+        r,
+        "\n`kiln run`'s phases (`KILN_LOG=kiln::phase=debug` marks, over {} runs):\n",
+        logs.len()
+    );
+    let _ = writeln!(r, "| phase | min ms | median ms | max ms |\n|---|---|---|---|");
+    for (label, v) in &phases {
+        if let Some(s) = summarize(v) {
+            let _ = writeln!(r, "| {label} | {:.0} | {:.0} | {:.0} |", s.min, s.median, s.max);
+        }
+    }
+    r
+}
+
 /// The lab part's report (Markdown, also readable as text).
 pub fn lab_report(plan: &KilnPlan, part: &LabPart) -> String {
     let values =
@@ -469,19 +490,7 @@ pub fn lab_report(plan: &KilnPlan, part: &LabPart) -> String {
         .filter(|t| t.series == Series::KilnRun)
         .filter_map(|t| t.result.as_ref().ok().map(|p| p.stderr_tail.as_str()))
         .collect();
-    let phases = phase_durations(&logs);
-    if !phases.is_empty() {
-        let _ = writeln!(
-            r,
-            "\n`kiln run`'s phases (`KILN_LOG=kiln::phase=debug` marks, median over the runs):\n"
-        );
-        let _ = writeln!(r, "| phase | min ms | median ms | max ms |\n|---|---|---|---|");
-        for (label, v) in &phases {
-            if let Some(s) = summarize(v) {
-                let _ = writeln!(r, "| {label} | {:.0} | {:.0} | {:.0} |", s.min, s.median, s.max);
-            }
-        }
-    }
+    r.push_str(&phase_table(&logs));
     let failed: Vec<String> = part
         .timed
         .iter()
@@ -560,13 +569,19 @@ pub fn lab_report(plan: &KilnPlan, part: &LabPart) -> String {
 
 /// Runs `cmd` and times it from spawn to exit (ms); fails with its stderr when it fails.
 pub fn time_command(cmd: &mut Command) -> Result<f64> {
+    time_command_log(cmd).map(|(ms, _)| ms)
+}
+
+/// As [`time_command`], also returning the command's stderr.
+pub fn time_command_log(cmd: &mut Command) -> Result<(f64, String)> {
     let t = Instant::now();
     let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
     let ms = t.elapsed().as_secs_f64() * 1000.0;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!("{cmd:?} failed ({}): {}", out.status, stderr.trim());
     }
-    Ok(ms)
+    Ok((ms, stderr))
 }
 
 /// The bare QEMU peer: kiln's QEMU machine (docs/hypervisors.md) with the same kernel, disk and size,
@@ -650,7 +665,12 @@ impl Pair {
 }
 
 /// `kiln run --rm --hypervisor qemu IMAGE true` against the bare QEMU boot, on this host.
-pub fn host_qemu(plan: &KilnPlan, qemu: &Path, runs: usize, accel: &str) -> Result<(Pair, String)> {
+pub fn host_qemu(
+    plan: &KilnPlan,
+    qemu: &Path,
+    runs: usize,
+    accel: &str,
+) -> Result<(Pair, String, Vec<String>)> {
     let root = tempfile::tempdir().context("making a state root")?;
     let r = root.path();
     let layout = plan.busybox_layout.to_string_lossy().into_owned();
@@ -665,10 +685,15 @@ pub fn host_qemu(plan: &KilnPlan, qemu: &Path, runs: usize, accel: &str) -> Resu
     time_command(Command::new("cp").arg("--sparse=always").arg(&cache).arg(&disk))?;
     let bare = || bare_qemu_command(qemu, &plan.vmlinux, &disk, plan.memory_mib, accel);
     time_command(&mut bare()).context("the warm-up bare QEMU boot")?;
-    let pair =
-        Pair::measure(runs, || time_command(&mut kiln_cmd(plan, r, &run)), || time_command(&mut bare()));
+    let logs = std::cell::RefCell::new(Vec::new());
+    let timed_run = || {
+        let (ms, log) = time_command_log(kiln_cmd(plan, r, &run).env("KILN_LOG", "warn,kiln::phase=debug"))?;
+        logs.borrow_mut().push(log);
+        Ok(ms)
+    };
+    let pair = Pair::measure(runs, timed_run, || time_command(&mut bare()));
     let peer = format!("{:?}", bare()).replace('"', "");
-    Ok((pair, peer))
+    Ok((pair, peer, logs.into_inner()))
 }
 
 /// Cold `kiln image pull` of a 5-layer image of `mb` MB from a local registry against `skopeo copy`

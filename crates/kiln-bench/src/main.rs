@@ -394,7 +394,7 @@ fn kiln_bench(a: &KilnArgs) -> Result<()> {
             "tcg"
         };
         eprintln!("kiln-bench: kiln: QEMU backend on the host ({accel}), {} pairs", a.qemu_runs);
-        let (pair, peer) = kiln::host_qemu(&plan, &a.qemu, a.qemu_runs, accel)?;
+        let (pair, peer, logs) = kiln::host_qemu(&plan, &a.qemu, a.qemu_runs, accel)?;
         let mut s = format!(
             "**QEMU backend on the host** (`-accel {accel}`; {} MiB, 1 vCPU, warm cache):\n\n",
             a.memory_mib
@@ -408,6 +408,7 @@ fn kiln_bench(a: &KilnArgs) -> Result<()> {
             "\n- **{}.**\n- peer: `{peer}`",
             kiln::overhead_line("kiln run (qemu) vs bare QEMU", &pair.kiln, &pair.peer, None)
         );
+        s.push_str(&kiln::phase_table(&logs.iter().map(String::as_str).collect::<Vec<_>>()));
         eprintln!("{s}");
         sections.push(s);
     }
