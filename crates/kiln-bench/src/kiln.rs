@@ -154,6 +154,7 @@ impl KilnPlan {
             NO_MARKER,
             "--timeout-secs",
             &self.boot_timeout.as_secs().to_string(),
+            "--echo-stderr",
             "--",
         ]
         .iter()
@@ -227,8 +228,11 @@ impl KilnPlan {
             .env("KILN_LOG", "warn,kiln::phase=debug")
             .memory_mib(self.density_lab_mib)
             .step("setup", &setup);
+        // After each step, anything left behind shows in the live output.
+        let leftovers = "left=$(for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = kiln-vmm ] && \
+                         echo -n \"${p#/proc/} \"; done); [ -z \"$left\" ] || echo \"kiln-vmm left running: $left\" >&2";
         for (name, series, _) in &rounds {
-            lab = lab.step(name, &self.series_command(*series));
+            lab = lab.step(name, &format!("{}; {leftovers}", self.series_command(*series)));
         }
         lab = lab.step("density", &density);
         let per_step = self.boot_timeout + Duration::from_secs(30);

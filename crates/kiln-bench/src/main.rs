@@ -231,6 +231,9 @@ struct ProbeArgs {
     mem_sample_after_ms: Option<u64>,
     #[arg(long, default_value_t = 240)]
     timeout_secs: u64,
+    /// Copy the program's stderr to ours as it arrives.
+    #[arg(long)]
+    echo_stderr: bool,
     /// The VMM's command line.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -245,6 +248,7 @@ fn main() -> Result<()> {
                 mem_sample_after: a.mem_sample_after_ms.map(Duration::from_millis),
                 guest_mem_mib: a.guest_mem_mib,
                 timeout: Duration::from_secs(a.timeout_secs),
+                echo_stderr: a.echo_stderr,
                 command: a.command,
             })?;
             println!("{}", serde_json::to_string(&r)?);
