@@ -6,7 +6,8 @@
 //!   of the ext4 kiln built for it) and the same machine size, whose init is `busybox reboot -f` (the
 //!   guest resets at once; no agent, no vsock, no API socket). A third series, `kiln create` + `kiln rm`
 //!   (no boot), and `kiln run`'s own phase marks (`KILN_LOG=kiln::phase=debug`) break the overhead down.
-//!   Then density: `kiln run -d` of 128 MiB VMs until the lab's memory (or `--density-max`) is reached,
+//!   Density, in a lab of its own: `kiln run -d` of 128 MiB VMs, each answering `kiln exec VM true`
+//!   before the next starts, until the lab's memory (or `--density-max`) is reached,
 //!   all answering `kiln exec VM true`, with each kiln-vmm's RSS and PSS.
 //! - **host, QEMU backend** (TCG here): `kiln run --rm --hypervisor qemu` against a bare
 //!   `qemu-system-x86_64 -M microvm` boot with kiln's machine options and the same guest, init
@@ -126,7 +127,6 @@ pub struct DensityResult {
 pub struct LabPart {
     pub timed: Vec<Timed>,
     pub setup_log: String,
-    pub density: std::result::Result<DensityResult, String>,
     pub lab_boot: Duration,
     pub total: Duration,
 }
@@ -200,8 +200,9 @@ impl KilnPlan {
         out
     }
 
-    /// Boots the lab, runs setup, the rounds and the density run.
-    pub fn run_lab(&self, bench_exe: &Path) -> Result<LabPart> {
+    /// A lab carrying kiln, the image and the kernel, whose `setup` step imports both and warms the
+    /// image's root filesystem cache.
+    fn lab_with_setup(&self, bench_exe: &Path) -> Result<kiln_lab::Lab> {
         let setup = format!(
             "set -e\nkiln image import /lab/oci --name {IMAGE} >/dev/null\nkiln kernel import /lab/vmlinux \
              --name guest >/dev/null\nkiln run --rm --memory {m}M {IMAGE} echo warm\n\
@@ -211,12 +212,7 @@ impl KilnPlan {
              | tail -n 3 | tr '\\n' ' ')\"\n",
             m = self.memory_mib
         );
-        let rounds = self.rounds();
-        let density = format!(
-            "rm -f {LAB_BARE_DISK}; /usr/bin/kiln-bench density --max {} --memory-mib {} --reserve-mib {}",
-            self.density_max, self.density_memory_mib, self.density_reserve_mib
-        );
-        let mut lab = kiln_lab::Lab::new()
+        Ok(kiln_lab::Lab::new()
             .context("preparing the lab")?
             .binary(bench_exe, "/usr/bin/kiln-bench")
             .kiln_cli(&self.kiln, &self.kiln_vmm, &self.agent)
@@ -227,18 +223,22 @@ impl KilnPlan {
             .env("KILN_AGENT_BIN", "/usr/bin/kiln-agent-static")
             .env("KILN_LOG", "warn,kiln::phase=debug")
             .memory_mib(self.density_lab_mib)
-            .step("setup", &setup);
+            .step("setup", &setup))
+    }
+
+    /// Boots a lab and runs setup and the interleaved rounds.
+    pub fn run_rounds_lab(&self, bench_exe: &Path) -> Result<LabPart> {
+        let rounds = self.rounds();
+        let mut lab = self.lab_with_setup(bench_exe)?;
         // After each step, anything left behind shows in the live output.
         let leftovers = "left=$(for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = kiln-vmm ] && \
                          echo -n \"${p#/proc/} \"; done); [ -z \"$left\" ] || echo \"kiln-vmm left running: $left\" >&2";
         for (name, series, _) in &rounds {
             lab = lab.step(name, &format!("{}; {leftovers}", self.series_command(*series)));
         }
-        lab = lab.step("density", &density);
         let per_step = self.boot_timeout + Duration::from_secs(30);
         let steps = u32::try_from(rounds.len()).unwrap_or(u32::MAX);
-        let density_budget = Duration::from_secs(60).saturating_mul(self.density_max as u32 + 2);
-        lab = lab.timeout(Duration::from_secs(400) + per_step.saturating_mul(steps) + density_budget);
+        lab = lab.timeout(Duration::from_secs(400) + per_step.saturating_mul(steps));
         let report = lab.run_with(echo_live_output).context("running the lab")?;
 
         let setup = report.step("setup").context("the lab's setup step")?;
@@ -256,13 +256,30 @@ impl KilnPlan {
             };
             timed.push(Timed { series, round, result });
         }
-        let density = match report.step("density") {
+        Ok(LabPart { timed, setup_log, lab_boot: report.lab_boot_time, total: report.total_time })
+    }
+
+    /// Boots a lab of `density_lab_mib` and runs the density step (its own lab: a lab that runs out
+    /// of memory takes only this part with it).
+    pub fn run_density_lab(&self, bench_exe: &Path) -> std::result::Result<DensityResult, String> {
+        let density = format!(
+            "rm -f {LAB_BARE_DISK}; /usr/bin/kiln-bench density --max {} --memory-mib {} --reserve-mib {}",
+            self.density_max, self.density_memory_mib, self.density_reserve_mib
+        );
+        let budget = Duration::from_secs(60).saturating_mul(self.density_max as u32 + 2);
+        let report = self
+            .lab_with_setup(bench_exe)
+            .map_err(|e| format!("{e:#}"))?
+            .step("density", &density)
+            .timeout(Duration::from_secs(400) + budget)
+            .run_with(echo_live_output)
+            .map_err(|e| format!("the density lab failed: {e:#}"))?;
+        match report.step("density") {
             Err(e) => Err(e.to_string()),
             Ok(s) => serde_json::from_str::<DensityResult>(s.stdout_str().trim()).map_err(|e| {
                 format!("density output unreadable ({e}): {}{}", s.stdout_str(), s.stderr_str())
             }),
-        };
-        Ok(LabPart { timed, setup_log, density, lab_boot: report.lab_boot_time, total: report.total_time })
+        }
     }
 }
 
@@ -345,8 +362,20 @@ pub fn density(max: usize, memory_mib: u32, reserve_mib: u64) -> Result<DensityR
     let mem_total_kib = meminfo_kib("MemTotal")?;
     let mem_available_before_kib = meminfo_kib("MemAvailable")?;
     let mut start_ms = Vec::new();
+    let mut exec_ms = Vec::new();
     let mut stop_reason = format!("--density-max {max} reached");
+    let exec_true = |i: usize| {
+        let t = Instant::now();
+        let ok = Command::new("kiln")
+            .args(["exec", &format!("d{i}"), "true"])
+            .stdin(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        (ok, t.elapsed().as_secs_f64() * 1000.0)
+    };
     for i in 0..max {
+        // Each VM has booted and answered before the next starts, so MemAvailable counts what the
+        // running ones really use.
         let available = meminfo_kib("MemAvailable")?;
         if available < reserve_mib * 1024 {
             stop_reason =
@@ -369,23 +398,22 @@ pub fn density(max: usize, memory_mib: u32, reserve_mib: u64) -> Result<DensityR
             break;
         }
         start_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-        eprintln!("density: VM {} started in {:.0} ms", i + 1, start_ms[i]);
-    }
-    let started = start_ms.len();
-    let mut exec_ms = Vec::new();
-    let mut answered = 0;
-    for i in 0..started {
-        let t = Instant::now();
-        let ok = Command::new("kiln")
-            .args(["exec", &format!("d{i}"), "true"])
-            .stdin(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        exec_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-        if ok {
-            answered += 1;
+        let (ok, ms) = exec_true(i);
+        exec_ms.push(ms);
+        eprintln!(
+            "density: VM {} started in {:.0} ms, answered exec: {ok} ({ms:.0} ms); MemAvailable {} MiB",
+            i + 1,
+            start_ms[i],
+            meminfo_kib("MemAvailable")? / 1024
+        );
+        if !ok {
+            stop_reason = format!("VM {} did not answer `kiln exec VM true`", i + 1);
+            break;
         }
     }
+    let started = start_ms.len();
+    // With all of them up: every one must still answer.
+    let answered = (0..started).filter(|&i| exec_true(i).0).count();
     let vmms = kiln_vmm_pids()
         .into_iter()
         .filter_map(|pid| {
@@ -467,7 +495,7 @@ pub fn phase_table(logs: &[&str]) -> String {
 }
 
 /// The lab part's report (Markdown, also readable as text).
-pub fn lab_report(plan: &KilnPlan, part: &LabPart) -> String {
+pub fn lab_report(part: &LabPart) -> String {
     let values =
         |s: Series| part.timed.iter().filter(|t| t.series == s).filter_map(Timed::ms).collect::<Vec<_>>();
     let (kiln, bare, create) = (values(Series::KilnRun), values(Series::Bare), values(Series::CreateRm));
@@ -513,10 +541,22 @@ pub fn lab_report(plan: &KilnPlan, part: &LabPart) -> String {
     }
     let _ = writeln!(
         r,
+        "\nLab booted in {:.1} s; the whole lab run took {:.0} s.",
+        part.lab_boot.as_secs_f64(),
+        part.total.as_secs_f64()
+    );
+    r
+}
+
+/// The density run's report.
+pub fn density_report(plan: &KilnPlan, density: &std::result::Result<DensityResult, String>) -> String {
+    let mut r = String::new();
+    let _ = writeln!(
+        r,
         "\nDensity ({} MiB VMs, lab of {} MiB):\n",
         plan.density_memory_mib, plan.density_lab_mib
     );
-    match &part.density {
+    match density {
         Ok(d) => {
             let rss: Vec<f64> = d.vmms.iter().map(|v| v.rss_kib as f64 / 1024.0).collect();
             let pss: Vec<f64> = d.vmms.iter().map(|v| v.pss_kib as f64 / 1024.0).collect();
@@ -556,12 +596,6 @@ pub fn lab_report(plan: &KilnPlan, part: &LabPart) -> String {
             let _ = writeln!(r, "- not measured: {}", e.lines().take(5).collect::<Vec<_>>().join(" / "));
         }
     }
-    let _ = writeln!(
-        r,
-        "\nLab booted in {:.1} s; the whole lab run took {:.0} s.",
-        part.lab_boot.as_secs_f64(),
-        part.total.as_secs_f64()
-    );
     r
 }
 

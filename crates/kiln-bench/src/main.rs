@@ -191,6 +191,9 @@ struct KilnArgs {
     no_qemu: bool,
     #[arg(long)]
     no_pull: bool,
+    /// Skip the density lab.
+    #[arg(long)]
+    no_density: bool,
     /// Print the Markdown section for docs/benchmarks.md on stdout (progress goes to stderr).
     #[arg(long)]
     markdown: bool,
@@ -417,8 +420,8 @@ fn kiln_bench(a: &KilnArgs) -> Result<()> {
         sections.push(s);
     }
     if !a.no_lab {
-        eprintln!("kiln-bench: kiln: lab: {} rounds, then density up to {} VMs", a.runs, a.density_max);
-        let part = plan.run_lab(&exe)?;
+        eprintln!("kiln-bench: kiln: lab: {} rounds", a.runs);
+        let part = plan.run_rounds_lab(&exe)?;
         if let Some(raw) = &a.raw {
             std::fs::write(raw, serde_json::to_vec_pretty(&part)?)
                 .with_context(|| format!("writing {}", raw.display()))?;
@@ -434,7 +437,18 @@ fn kiln_bench(a: &KilnArgs) -> Result<()> {
                 .join(" ")
                 .trim()
         );
-        s.push_str(&kiln::lab_report(&plan, &part));
+        s.push_str(&kiln::lab_report(&part));
+        eprintln!("{s}");
+        sections.push(s);
+    }
+    if !a.no_density {
+        eprintln!("kiln-bench: kiln: density in a lab of {} MiB, up to {} VMs", a.lab_mib, a.density_max);
+        let density = plan.run_density_lab(&exe);
+        if let Some(raw) = &a.raw {
+            std::fs::write(raw.with_extension("density.json"), serde_json::to_vec_pretty(&density)?)
+                .with_context(|| format!("writing {}", raw.display()))?;
+        }
+        let s = kiln::density_report(&plan, &density);
         eprintln!("{s}");
         sections.push(s);
     }
