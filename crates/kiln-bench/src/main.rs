@@ -13,6 +13,7 @@
 
 mod api_ready;
 mod host;
+mod kiln;
 mod lab;
 mod net;
 mod probe;
@@ -46,6 +47,13 @@ enum Cmd {
     /// Network benchmark: host<->guest TCP throughput over virtio-net on a tap, kiln-vmm vs QEMU
     /// microvm, in one lab run.
     Net(NetArgs),
+    /// The `kiln` CLI against the bare hypervisor it drives: `kiln run --rm IMAGE true` vs a bare
+    /// kiln-vmm boot (lab) and vs a bare QEMU microvm boot (host), VM density (lab), cold
+    /// `kiln image pull` vs `skopeo copy` (host).
+    Kiln(KilnArgs),
+    /// (Runs inside the lab.) Starts VMs with `kiln run -d` until memory runs short; prints JSON.
+    #[command(hide = true)]
+    Density(DensityArgs),
     /// (Runs inside the lab.) The lab side of the network benchmark's transfers; prints JSON.
     #[command(hide = true)]
     Netpump(NetpumpArgs),
@@ -140,6 +148,71 @@ struct NetArgs {
 }
 
 #[derive(Args, Debug)]
+struct KilnArgs {
+    /// `kiln run` / bare boot pairs in the lab (each round also runs `kiln create` + `kiln rm`).
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Pairs on the host with the QEMU backend.
+    #[arg(long, default_value_t = 5)]
+    qemu_runs: usize,
+    /// Cold pull pairs.
+    #[arg(long, default_value_t = 5)]
+    pull_runs: usize,
+    /// Size of the pulled 5-layer image (uncompressed MB).
+    #[arg(long, default_value_t = 100)]
+    pull_mb: usize,
+    /// Guest memory of the `kiln run` VMs and their bare peers, MiB (kiln's default).
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u32,
+    /// Most VMs the density run starts.
+    #[arg(long, default_value_t = 40)]
+    density_max: usize,
+    /// Memory of each density VM, MiB.
+    #[arg(long, default_value_t = 128)]
+    density_memory_mib: u32,
+    /// The lab's memory, MiB (bounds the density run).
+    #[arg(long, default_value_t = 1024)]
+    lab_mib: u32,
+    /// The density run stops adding VMs when the lab's MemAvailable falls below this, MiB.
+    #[arg(long, default_value_t = 128)]
+    reserve_mib: u64,
+    /// kiln-vmm binary (default: `kiln-vmm` next to this program, i.e. target/release).
+    #[arg(long, value_name = "PATH")]
+    kiln_vmm: Option<PathBuf>,
+    /// QEMU binary for the host part.
+    #[arg(long, value_name = "PATH", default_value = "/usr/bin/qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Kill one lab run after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    boot_timeout_secs: u64,
+    #[arg(long)]
+    no_lab: bool,
+    #[arg(long)]
+    no_qemu: bool,
+    #[arg(long)]
+    no_pull: bool,
+    /// Skip the density lab.
+    #[arg(long)]
+    no_density: bool,
+    /// Print the Markdown section for docs/benchmarks.md on stdout (progress goes to stderr).
+    #[arg(long)]
+    markdown: bool,
+    /// Also write every lab run's raw probe output (JSON) here.
+    #[arg(long, value_name = "PATH")]
+    raw: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct DensityArgs {
+    #[arg(long)]
+    max: usize,
+    #[arg(long)]
+    memory_mib: u32,
+    #[arg(long)]
+    reserve_mib: u64,
+}
+
+#[derive(Args, Debug)]
 struct NetpumpArgs {
     #[arg(long)]
     guest: String,
@@ -161,6 +234,9 @@ struct ProbeArgs {
     mem_sample_after_ms: Option<u64>,
     #[arg(long, default_value_t = 240)]
     timeout_secs: u64,
+    /// Copy the program's stderr to ours as it arrives.
+    #[arg(long)]
+    echo_stderr: bool,
     /// The VMM's command line.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -175,6 +251,7 @@ fn main() -> Result<()> {
                 mem_sample_after: a.mem_sample_after_ms.map(Duration::from_millis),
                 guest_mem_mib: a.guest_mem_mib,
                 timeout: Duration::from_secs(a.timeout_secs),
+                echo_stderr: a.echo_stderr,
                 command: a.command,
             })?;
             println!("{}", serde_json::to_string(&r)?);
@@ -183,6 +260,12 @@ fn main() -> Result<()> {
         Cmd::Boot(a) => boot(&a),
         Cmd::Api(a) => api(&a),
         Cmd::Net(a) => net_bench(&a),
+        Cmd::Kiln(a) => kiln_bench(&a),
+        Cmd::Density(a) => {
+            let r = kiln::density(a.max, a.memory_mib, a.reserve_mib)?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         Cmd::Netpump(a) => {
             let (listener, guest) = net::lab_sockets(&a.guest)?;
             let t = net::pump(listener, guest, a.rounds, a.bytes, Duration::from_secs(a.timeout_secs))?;
@@ -266,6 +349,114 @@ fn net_bench(a: &NetArgs) -> Result<()> {
         }
     } else {
         print!("{human}");
+    }
+    Ok(())
+}
+
+fn kiln_bench(a: &KilnArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("finding this program")?;
+    let kiln = exe.parent().context("program has no directory")?.join("kiln");
+    if !kiln.is_file() {
+        bail!("{} not found: build it (cargo build --release -p kiln-cli)", kiln.display());
+    }
+    let dir = tempfile::tempdir().context("making a work dir")?;
+    let mut layout = kiln_test_utils::oci::OciLayout::create(&dir.path().join("oci"));
+    layout.add_image(
+        &kiln_test_utils::oci::busybox_layers(),
+        true,
+        serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]}),
+        kiln::IMAGE,
+    );
+    let plan = kiln::KilnPlan {
+        kiln,
+        kiln_vmm: kiln_vmm_binary(a.kiln_vmm.as_ref())?,
+        agent: kiln_test_utils::static_agent().to_path_buf(),
+        vmlinux: guest_assets()?.vmlinux,
+        busybox_layout: layout.dir.clone(),
+        runs: a.runs,
+        memory_mib: a.memory_mib,
+        density_max: a.density_max,
+        density_memory_mib: a.density_memory_mib,
+        density_lab_mib: a.lab_mib,
+        density_reserve_mib: a.reserve_mib,
+        boot_timeout: Duration::from_secs(a.boot_timeout_secs),
+    };
+    let mut sections = Vec::new();
+    if !a.no_pull {
+        eprintln!("kiln-bench: kiln: cold pull vs skopeo copy, {} pairs", a.pull_runs);
+        let (pair, image) = kiln::pull(&plan, a.pull_runs, a.pull_mb)?;
+        let mut s = format!("**Cold pull** (host; image: {image}; each run into a fresh store / dir):\n\n");
+        s.push_str(
+            &pair.table("`kiln image pull` (fresh state root)", "`skopeo copy docker://... dir:` (peer)"),
+        );
+        let _ =
+            writeln!(s, "\n- {}.", kiln::overhead_line("kiln pull vs skopeo", &pair.kiln, &pair.peer, None));
+        eprintln!("{s}");
+        sections.push(s);
+    }
+    if !a.no_qemu {
+        let accel = if Path::new("/dev/kvm").exists() && !Path::new("/sys/module/kvm_pvm").exists() {
+            "kvm"
+        } else {
+            "tcg"
+        };
+        eprintln!("kiln-bench: kiln: QEMU backend on the host ({accel}), {} pairs", a.qemu_runs);
+        let (pair, peer, logs) = kiln::host_qemu(&plan, &a.qemu, a.qemu_runs, accel)?;
+        let mut s = format!(
+            "**QEMU backend on the host** (`-accel {accel}`; {} MiB, 1 vCPU, warm cache):\n\n",
+            a.memory_mib
+        );
+        s.push_str(&pair.table(
+            &format!("`kiln run --rm --hypervisor qemu {} true`", kiln::IMAGE),
+            "bare QEMU microvm, init `busybox reboot -f` (peer)",
+        ));
+        let _ = writeln!(
+            s,
+            "\n- **{}.**\n- peer: `{peer}`",
+            kiln::overhead_line("kiln run (qemu) vs bare QEMU", &pair.kiln, &pair.peer, None)
+        );
+        s.push_str(&kiln::phase_table(&logs.iter().map(String::as_str).collect::<Vec<_>>()));
+        eprintln!("{s}");
+        sections.push(s);
+    }
+    if !a.no_lab {
+        eprintln!("kiln-bench: kiln: lab: {} rounds", a.runs);
+        let part = plan.run_rounds_lab(&exe)?;
+        if let Some(raw) = &a.raw {
+            std::fs::write(raw, serde_json::to_vec_pretty(&part)?)
+                .with_context(|| format!("writing {}", raw.display()))?;
+        }
+        let mut s = format!(
+            "**kiln-vmm in the lab** ({} MiB, 1 vCPU, warm cache; lab of {} MiB; setup: {}):\n\n",
+            a.memory_mib,
+            a.lab_mib,
+            part.setup_log
+                .lines()
+                .filter(|l| l.starts_with("bare boot"))
+                .collect::<Vec<_>>()
+                .join(" ")
+                .trim()
+        );
+        s.push_str(&kiln::lab_report(&part));
+        eprintln!("{s}");
+        sections.push(s);
+    }
+    if !a.no_density {
+        eprintln!("kiln-bench: kiln: density in a lab of {} MiB, up to {} VMs", a.lab_mib, a.density_max);
+        let density = plan.run_density_lab(&exe);
+        if let Some(raw) = &a.raw {
+            std::fs::write(raw.with_extension("density.json"), serde_json::to_vec_pretty(&density)?)
+                .with_context(|| format!("writing {}", raw.display()))?;
+        }
+        let s = kiln::density_report(&plan, &density);
+        eprintln!("{s}");
+        sections.push(s);
+    }
+    if a.markdown {
+        print_results_header("kiln", "kiln, kiln-vmm release builds");
+        for s in sections {
+            println!("{s}");
+        }
     }
     Ok(())
 }

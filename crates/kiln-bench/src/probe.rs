@@ -31,6 +31,8 @@ pub struct ProbeOptions {
     pub guest_mem_mib: u64,
     /// Kill the VMM after this long.
     pub timeout: Duration,
+    /// Also copy the program's stderr to ours as it arrives (a lab step shows it live).
+    pub echo_stderr: bool,
     /// Program and arguments.
     pub command: Vec<String>,
 }
@@ -104,9 +106,21 @@ pub fn run(opts: &ProbeOptions) -> Result<ProbeResult> {
         }
         all
     });
+    let echo = opts.echo_stderr;
     let log = std::thread::spawn(move || {
         let mut all = Vec::new();
-        let _ = stderr.read_to_end(&mut all);
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stderr.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if echo {
+                        let _ = std::io::Write::write_all(&mut std::io::stderr(), &chunk[..n]);
+                    }
+                    all.extend_from_slice(&chunk[..n]);
+                }
+            }
+        }
         all
     });
     let (exit_tx, exit_rx) = mpsc::channel();
@@ -213,6 +227,7 @@ mod tests {
             mem_sample_after: None,
             guest_mem_mib: 1,
             timeout: Duration::from_secs(20),
+            echo_stderr: false,
             command: vec![
                 "sh".into(),
                 "-c".into(),
@@ -234,6 +249,7 @@ mod tests {
             mem_sample_after: Some(Duration::from_millis(10)),
             guest_mem_mib: 1,
             timeout: Duration::from_millis(300),
+            echo_stderr: false,
             command: vec!["sleep".into(), "30".into()],
         };
         let r = run(&opts).expect("probe runs");

@@ -159,6 +159,7 @@ fn pull_run_exec_stop_start_rm_and_bad_input() {
     let copied = work.path().join("copied");
     kiln.ok(&["cp", "keep:/root/file", copied.to_str().unwrap()]);
     assert_eq!(std::fs::read_to_string(&copied).unwrap(), "kept\n");
+    copies_directories_both_ways(&kiln, "keep", work.path());
 
     // A name clash: a clear error, the first VM untouched.
     let err = kiln.fails(&["create", "--name", "keep", "--hypervisor", "qemu", &image]);
@@ -223,6 +224,88 @@ fn pull_run_exec_stop_start_rm_and_bad_input() {
     let err = kiln.fails(&["run", "--hypervisor", "qemu", "--cpus", "0", &image]);
     assert!(err.contains("--cpus"), "{err}");
     assert!(kiln.vm_dirs().is_empty(), "{:?}", kiln.vm_dirs());
+}
+
+/// `kiln cp` of directories: a host tree into the guest (contents into the named directory), back out
+/// to a new host path and into an existing host directory; modes and symlinks survive, nothing
+/// temporary is left next to the destinations.
+fn copies_directories_both_ways(kiln: &Kiln, vm: &str, work: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let tree = work.join("tree");
+    std::fs::create_dir_all(tree.join("sub/deeper")).unwrap();
+    std::fs::write(tree.join("a"), "A").unwrap();
+    std::fs::write(tree.join("sub/deeper/b"), "B").unwrap();
+    std::fs::set_permissions(tree.join("sub/deeper/b"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::os::unix::fs::symlink("a", tree.join("link")).unwrap();
+    kiln.ok(&["cp", tree.to_str().unwrap(), &format!("{vm}:/root/tree")]);
+    assert_eq!(
+        kiln.ok(&["exec", vm, "cat", "/root/tree/a", "/root/tree/sub/deeper/b", "/root/tree/link"]),
+        "ABA"
+    );
+    let listing = kiln.ok(&["exec", vm, "ls", "-l", "/root/tree/sub/deeper/b", "/root/tree/link"]);
+    assert!(listing.contains("-rwxr-x---") && listing.contains("link -> a"), "{listing}");
+
+    kiln.ok(&["exec", vm, "sh", "-c", "mkdir -p /root/made/d && echo made > /root/made/d/f"]);
+    let back = work.join("back");
+    kiln.ok(&["cp", &format!("{vm}:/root/tree"), back.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(back.join("a")).unwrap(), "A");
+    assert_eq!(std::fs::read_to_string(back.join("sub/deeper/b")).unwrap(), "B");
+    let mode = std::fs::metadata(back.join("sub/deeper/b")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o750);
+    assert_eq!(std::fs::read_link(back.join("link")).unwrap(), Path::new("a"));
+    let into = work.join("into");
+    std::fs::create_dir(&into).unwrap();
+    kiln.ok(&["cp", &format!("{vm}:/root/made"), into.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(into.join("made/d/f")).unwrap(), "made\n");
+    // A file into an existing directory lands inside it.
+    kiln.ok(&["cp", &format!("{vm}:/root/made/d/f"), into.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(into.join("f")).unwrap(), "made\n");
+
+    let err = kiln.fails(&["cp", &format!("{vm}:/root/no-such-dir"), work.join("nothing").to_str().unwrap()]);
+    assert!(err.contains("/root/no-such-dir"), "{err}");
+    assert!(!work.join("nothing").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(work)
+        .unwrap()
+        .chain(std::fs::read_dir(&into).unwrap())
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("kiln-tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// `kernel import IMAGE`: a kernel shipped as an OCI image carrying `/boot/vmlinux` (no boot needed).
+#[test]
+fn kernel_import_from_an_image_carrying_boot_vmlinux() {
+    let kiln = Kiln::new();
+    let work = tempfile::tempdir().unwrap();
+    let vmlinux = std::fs::read(&guest_assets().vmlinux).unwrap();
+    let mut layer = TarBuilder::new();
+    layer.dir("boot", 0o755).file("boot/vmlinux", 0o644, &vmlinux);
+    let mut layout = OciLayout::create(&work.path().join("kernel-image"));
+    layout.add_image(&[layer.finish()], true, json!({}), "guest-kernel:6.1");
+    kiln.ok(&["image", "import", layout.dir.to_str().unwrap(), "--name", "guest-kernel:6.1"]);
+
+    let out = kiln.ok(&["kernel", "import", "guest-kernel:6.1", "--name", "from-image"]);
+    assert!(out.contains("from-image"), "{out}");
+    let ls = kiln.ok(&["kernel", "ls"]);
+    assert!(ls.contains("from-image") && ls.contains("guest-kernel:6.1"), "{ls}");
+    let stored = std::fs::read(kiln.root.path().join("kernels/from-image/vmlinux")).unwrap();
+    assert!(stored == vmlinux, "the stored kernel is not the image's /boot/vmlinux");
+    // Kiln::new imported the first kernel, so this one is not the default unless asked.
+    assert!(!std::fs::read_to_string(kiln.root.path().join("kernels/DEFAULT"))
+        .unwrap()
+        .contains("from-image"));
+
+    // An image without /boot/vmlinux: a clear error, no kernel stored.
+    let mut layer = TarBuilder::new();
+    layer.dir("boot", 0o755).file("boot/readme", 0o644, b"no kernel here\n");
+    let mut layout = OciLayout::create(&work.path().join("no-kernel"));
+    layout.add_image(&[layer.finish()], true, json!({}), "no-kernel:1");
+    kiln.ok(&["image", "import", layout.dir.to_str().unwrap(), "--name", "no-kernel:1"]);
+    let err = kiln.fails(&["kernel", "import", "no-kernel:1", "--name", "none"]);
+    assert!(err.contains("/boot/vmlinux"), "{err}");
+    assert!(!kiln.ok(&["kernel", "ls"]).contains("none"));
+    assert!(!kiln.root.path().join("kernels/none").exists());
 }
 
 fn guest_kvm_is_hardware() -> bool {

@@ -7,23 +7,8 @@
 use std::time::{Duration, Instant};
 
 use kiln_image::{ImageStore, NoProgress, ProgressEvent, Reference, RegistryOptions, RootfsOptions};
-use kiln_test_utils::oci::{OciLayout, TarBuilder};
+use kiln_test_utils::oci::{five_layer_image, OciLayout};
 use kiln_test_utils::registry::LocalRegistry;
-
-/// Deterministic, poorly compressible file content (xorshift), like binaries and libraries.
-fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        // Half the bytes repeat, so gzip gets roughly 2:1 as on real root filesystems.
-        out.extend_from_slice(&(x & 0x0f0f_0f0f_0f0f_0f0f).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 fn stats(name: &str, samples: &mut [Duration]) {
     samples.sort();
@@ -44,25 +29,7 @@ fn main() {
     let work = tempfile::tempdir().unwrap();
     let registry = LocalRegistry::start();
 
-    // 5 layers of 32 KiB..512 KiB files adding up to TOTAL_MB; the last layer rewrites a few files.
-    let per_layer = total_mb << 20 >> 2;
-    let mut layers = Vec::new();
-    let mut seed = 1;
-    for layer in 0..4 {
-        let mut tar = TarBuilder::new();
-        tar.dir(&format!("usr/lib/l{layer}"), 0o755);
-        let mut written = 0;
-        while written < per_layer {
-            let len = 32 * 1024 * (1 + (seed as usize % 16));
-            tar.file(&format!("usr/lib/l{layer}/f{seed}.so"), 0o644, &content(seed, len));
-            written += len;
-            seed += 1;
-        }
-        layers.push(tar.finish());
-    }
-    let mut top = TarBuilder::new();
-    top.whiteout("usr/lib/l0/f1.so").file("etc/hostname", 0o644, b"bench\n");
-    layers.push(top.finish());
+    let layers = five_layer_image(total_mb);
     let mut layout = OciLayout::create(&work.path().join("layout"));
     layout.add_image(&layers, true, serde_json::json!({"Cmd": ["/bin/sh"]}), "latest");
     registry.push_oci(&layout.dir, "latest", "bench/five-layers:latest");

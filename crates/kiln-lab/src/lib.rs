@@ -268,6 +268,24 @@ impl Lab {
         self
     }
 
+    /// Carries the `kiln` CLI (`/usr/bin/kiln`), kiln-vmm (`/usr/bin/kiln-vmm`), the static guest
+    /// agent (`/usr/bin/kiln-agent-static`, for `KILN_AGENT_BIN`) and the host tools kiln calls
+    /// (e2fsprogs' `mkfs.ext4`, `debugfs`, `resize2fs`; `ssh-keygen`).
+    pub fn kiln_cli(
+        self,
+        kiln: impl AsRef<Path>,
+        kiln_vmm: impl AsRef<Path>,
+        agent: impl AsRef<Path>,
+    ) -> Self {
+        self.binary(kiln, "/usr/bin/kiln")
+            .binary(kiln_vmm, "/usr/bin/kiln-vmm")
+            .binary(agent, "/usr/bin/kiln-agent-static")
+            .binary("/usr/sbin/mke2fs", "/usr/sbin/mkfs.ext4")
+            .binary("/usr/sbin/debugfs", "/usr/sbin/debugfs")
+            .binary("/usr/sbin/resize2fs", "/usr/sbin/resize2fs")
+            .binary("/usr/bin/ssh-keygen", "/usr/bin/ssh-keygen")
+    }
+
     /// Carries a host file (symlinks followed; permissions kept) to `dst`.
     pub fn file(mut self, src: impl AsRef<Path>, dst: &str) -> Self {
         self.payload.push(Payload::File {

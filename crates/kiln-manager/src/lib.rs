@@ -17,6 +17,16 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// A timing mark of `kiln run`'s phases (create, start, agent, finish): a `debug` event with the
+/// target `kiln::phase`, so `KILN_LOG=kiln::phase=debug` prints timestamped phases (`bench/kiln`
+/// uses them to break the overhead down).
+macro_rules! phase {
+    ($msg:literal) => {
+        tracing::debug!(target: "kiln::phase", $msg)
+    };
+}
+
+pub mod copy;
 pub mod error;
 pub mod guest;
 pub mod kernels;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use kiln_agent_proto::{Client, CopyFormat, ExitStatus, Process, ShutdownAction};
+use kiln_agent_proto::{Client, ExitStatus, Process, ShutdownAction};
 use kiln_hypervisor::{
     open_backend, AgentSpec, BackendKind, DiskSpec, NetSpec, ProcessId, Vm, VmExit, VmRecord, VmSpec,
 };
@@ -164,6 +164,7 @@ impl Manager {
                 detail: "publishing ports needs a Kiln network; drop `--network none`".into(),
             });
         }
+        phase!("create: begin");
         self.backend(opts.backend)?;
         let image = self.images.resolve(&opts.image)?;
         let config = self.images.config(&image)?.config;
@@ -235,8 +236,11 @@ impl Manager {
                 &RootfsOptions::default(),
                 progress,
             )?;
+            phase!("create: disk copied");
             guest::generate_ssh_key(&paths.ssh_key, &format!("kiln-{name}"))?;
+            phase!("create: ssh key generated");
             guest::inject_agent_and_key(&paths.disk, &agent, &paths.ssh_key.with_extension("pub"))?;
+            phase!("create: agent and key injected");
             if !dns.is_empty() {
                 guest::write_resolv_conf(&paths.disk, &dns)?;
             }
@@ -346,6 +350,7 @@ impl Manager {
         );
         fs::write(&paths.agent_config, config).map_err(io_err("writing", &paths.agent_config))?;
         guest::write_agent_config(&paths.disk, &paths.agent_config)?;
+        phase!("start: agent config written");
 
         let mut spec = VmSpec::new(&entry.name, kernel, &guest::kernel_cmdline(&entry), &paths.run);
         spec.console_log = paths.console.clone();
@@ -362,10 +367,12 @@ impl Manager {
         }
         entry.console_offset = fs::metadata(&paths.console).map(|m| m.len()).unwrap_or(0);
         let vm = backend.create(&spec)?;
+        phase!("start: VMM created");
         if let Err(e) = vm.start() {
             let _ = vm.kill();
             return Err(e.into());
         }
+        phase!("start: guest started");
         entry.status = VmStatus::Running;
         entry.started_at = Some(now_secs());
         entry.finished_at = None;
@@ -397,8 +404,10 @@ impl Manager {
         let stream = channel
             .connect(timeout)
             .map_err(|source| ManagerError::AgentConnect { name: entry.name.clone(), source })?;
+        phase!("agent: connected");
         let client = Client::from_stream(stream, timeout)
             .map_err(|source| ManagerError::Agent { name: entry.name.clone(), source })?;
+        phase!("agent: handshake done");
         // The guest has no RTC: give it the host's time (best effort; older agents may refuse).
         let _ = client.set_time(std::time::SystemTime::now());
         Ok(client)
@@ -409,6 +418,7 @@ impl Manager {
         let client = self.agent(name)?;
         let process =
             client.attach_main().map_err(|source| ManagerError::Agent { name: name.to_string(), source })?;
+        phase!("agent: main process attached");
         Ok((client, process))
     }
 
@@ -416,6 +426,7 @@ impl Manager {
     /// for the guest to power off (killing it after a while), records the exit, removes a `--rm` VM.
     /// Returns the exit code `kiln run` exits with.
     pub fn finish_attached(&self, name: &str, status: Option<ExitStatus>) -> Result<i32> {
+        phase!("finish: main process ended");
         let entry = self.inspect(name)?;
         if entry.status.is_live() {
             let vm = self.handle(&entry)?;
@@ -424,10 +435,12 @@ impl Manager {
                 vm.kill()?;
             }
         }
+        phase!("finish: guest powered off");
         let _lock = self.vms.lock()?;
         let entry = self.vms.find(name)?;
         let code = status.map(|s| s.shell_code());
         let entry = self.reconcile(entry, code)?;
+        phase!("finish: recorded (and removed with --rm)");
         Ok(code.or_else(|| entry.and_then(|e| e.exit_code())).unwrap_or(255))
     }
 
@@ -568,42 +581,16 @@ impl Manager {
         Ok(self.vms.paths(&self.vms.find(name)?.id).console)
     }
 
-    /// Copies a host file into the guest (`mode` defaults to the host file's permission bits).
+    /// Copies a host file or directory into the guest (see [`crate::copy::copy_in`]).
     pub fn copy_in(&self, name: &str, host: &Path, guest_path: &str) -> Result<u64> {
-        let file = fs::File::open(host).map_err(io_err("opening", host))?;
-        let meta = file.metadata().map_err(io_err("inspecting", host))?;
-        if !meta.is_file() {
-            return Err(ManagerError::InvalidInput {
-                what: "copy source",
-                detail: format!("{} is not a regular file (only files can be copied)", host.display()),
-            });
-        }
-        use std::os::unix::fs::PermissionsExt;
-        let client = self.agent(name)?;
-        client
-            .copy_in(guest_path, Some(meta.permissions().mode() & 0o7777), CopyFormat::File, file)
-            .map_err(|source| ManagerError::Agent { name: name.to_string(), source })
+        // Checked before the agent is reached: a typo should not wait for a booting guest.
+        fs::metadata(host).map_err(io_err("inspecting", host))?;
+        crate::copy::copy_in(&self.agent(name)?, name, host, guest_path)
     }
 
-    /// Copies a guest file to a host file (written to a temp file, renamed when complete).
+    /// Copies a guest file or directory to the host (see [`crate::copy::copy_out`]).
     pub fn copy_out(&self, name: &str, guest_path: &str, host: &Path) -> Result<u64> {
-        let client = self.agent(name)?;
-        let tmp = host.with_file_name(format!(
-            ".{}.kiln-tmp",
-            host.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-        ));
-        let out = fs::File::create(&tmp).map_err(io_err("creating", &tmp))?;
-        let copied = client.copy_out(guest_path, CopyFormat::File, out);
-        match copied {
-            Ok(n) => {
-                fs::rename(&tmp, host).map_err(io_err("renaming into", host))?;
-                Ok(n)
-            }
-            Err(source) => {
-                let _ = fs::remove_file(&tmp);
-                Err(ManagerError::Agent { name: name.to_string(), source })
-            }
-        }
+        crate::copy::copy_out(&self.agent(name)?, name, guest_path, host)
     }
 
     /// The system `ssh` command for a VM, with its key. Without a network address the connection

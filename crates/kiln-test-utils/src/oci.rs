@@ -269,7 +269,8 @@ impl OciLayout {
 }
 
 /// The applets linked to `/bin/busybox` in [`busybox_layers`].
-pub const BUSYBOX_APPLETS: [&str; 8] = ["sh", "ls", "cat", "echo", "mount", "poweroff", "sleep", "uname"];
+pub const BUSYBOX_APPLETS: [&str; 10] =
+    ["sh", "ls", "cat", "echo", "mount", "poweroff", "reboot", "sleep", "true", "uname"];
 
 /// Two layers of a tiny busybox root filesystem (Debian's busybox-static): the first has
 /// `/bin/busybox`, applet symlinks, `/etc/passwd`, `/etc/removed` and `/opt/cfg/{old,keep}`; the
@@ -300,4 +301,43 @@ pub fn busybox_layers() -> Vec<Vec<u8>> {
         .opaque("opt/cfg")
         .file("opt/cfg/new", 0o600, b"from layer two\n");
     vec![base.finish(), top.finish()]
+}
+
+/// Deterministic, poorly compressible file content (xorshift), like binaries and libraries.
+fn bench_content(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // Half the bytes repeat, so gzip gets roughly 2:1 as on real root filesystems.
+        out.extend_from_slice(&(x & 0x0f0f_0f0f_0f0f_0f0f).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// The benchmarks' 5-layer image of about `total_mb` MB (uncompressed): four layers of 32 KiB..512 KiB
+/// files, and a top layer with a whiteout and a small file.
+pub fn five_layer_image(total_mb: usize) -> Vec<Vec<u8>> {
+    let per_layer = total_mb << 20 >> 2;
+    let mut layers = Vec::new();
+    let mut seed = 1;
+    for layer in 0..4 {
+        let mut tar = TarBuilder::new();
+        tar.dir(&format!("usr/lib/l{layer}"), 0o755);
+        let mut written = 0;
+        while written < per_layer {
+            let len = 32 * 1024 * (1 + (seed as usize % 16));
+            tar.file(&format!("usr/lib/l{layer}/f{seed}.so"), 0o644, &bench_content(seed, len));
+            written += len;
+            seed += 1;
+        }
+        layers.push(tar.finish());
+    }
+    let mut top = TarBuilder::new();
+    top.whiteout("usr/lib/l0/f1.so").file("etc/hostname", 0o644, b"bench\n");
+    layers.push(top.finish());
+    layers
 }
