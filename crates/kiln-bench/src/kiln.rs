@@ -220,6 +220,8 @@ impl KilnPlan {
             .dir(&self.busybox_layout, "/lab/oci")
             .file_bytes(self.bare_config(), LAB_BARE_CONFIG, 0o644)
             .env("KILN_ROOT", LAB_ROOT)
+            // Measured without networking (the bare peer has none either).
+            .env("KILN_NETWORK", "none")
             .env("KILN_AGENT_BIN", "/usr/bin/kiln-agent-static")
             .env("KILN_LOG", "warn,kiln::phase=debug")
             .memory_mib(self.density_lab_mib)
@@ -647,7 +649,12 @@ pub fn bare_qemu_command(qemu: &Path, vmlinux: &Path, disk: &Path, memory_mib: u
 /// A `kiln` command against a state root.
 fn kiln_cmd(plan: &KilnPlan, root: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(&plan.kiln);
-    c.args(args).env("KILN_ROOT", root).env("KILN_AGENT_BIN", &plan.agent).env("KILN_LOG", "warn");
+    // Without networking: the bare peer has none, and the host's bridges and firewall stay as they are.
+    c.args(args)
+        .env("KILN_ROOT", root)
+        .env("KILN_AGENT_BIN", &plan.agent)
+        .env("KILN_LOG", "warn")
+        .env("KILN_NETWORK", "none");
     c
 }
 
