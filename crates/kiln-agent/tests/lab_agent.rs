@@ -87,12 +87,7 @@ echo "--- console1"; cat /tmp/console1; echo "--- vmm1"; cat /tmp/vmm1.log
 echo "--- console2"; cat /tmp/console2; echo "--- vmm2"; cat /tmp/vmm2.log
 "#;
 
-fn value<'a>(out: &'a str, key: &str) -> &'a str {
-    out.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key}= in the lab output:\n{out}"))
-        .trim()
-}
+use kiln_test_utils::key_value as value;
 
 #[test]
 fn the_agent_serves_a_linux_guest_over_vsock_in_the_lab() {

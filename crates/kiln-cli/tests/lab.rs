@@ -28,12 +28,7 @@ echo "vm-dirs-left=$(ls /tmp/kiln/vms | wc -l)"
 echo "vmm-left=$(for p in /proc/[0-9]*; do [ "$(cat $p/comm 2>/dev/null)" = kiln-vmm ] && echo x; done | wc -l)"
 "#;
 
-fn value<'a>(out: &'a str, key: &str) -> &'a str {
-    out.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key}= in the lab output:\n{out}"))
-        .trim()
-}
+use kiln_test_utils::key_value as value;
 
 #[test]
 fn kiln_runs_execs_stops_and_removes_vms_on_kiln_vmm_in_the_lab() {

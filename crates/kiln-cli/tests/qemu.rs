@@ -40,13 +40,7 @@ impl Kiln {
 
     fn run(&self, args: &[&str]) -> Output {
         let out = self.cmd(args).output().unwrap();
-        eprintln!(
-            "$ kiln {}\n  -> {:?}\n  stdout: {}\n  stderr: {}",
-            args.join(" "),
-            out.status.code(),
-            text(&out.stdout).trim_end(),
-            text(&out.stderr).trim_end()
-        );
+        kiln_test_utils::eprint_command(&format!("kiln {}", args.join(" ")), &out);
         out
     }
 

@@ -113,6 +113,32 @@ pub fn rootfs_with_file(dir: &Path, name: &str, contents: &str) -> PathBuf {
     root
 }
 
+/// Shows a command a test ran and what came of it (on stderr, which cargo shows on failure).
+pub fn eprint_command(command: &str, out: &std::process::Output) {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).trim_end().to_string();
+    eprintln!(
+        "$ {command}\n  -> {:?}\n  stdout: {}\n  stderr: {}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// The first line of `out` (a lab step's or a guest's output) that starts with `prefix`, whole.
+/// Panics, showing `out`, when there is none.
+pub fn line_starting<'a>(out: &'a str, prefix: &str) -> &'a str {
+    out.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix} line in:\n{out}"))
+}
+
+/// The value of the first `KEY=value` line of `out` (a lab step's or a guest's output), trimmed.
+/// Panics, showing `out`, when there is none.
+pub fn key_value<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {key}= line in:\n{out}"))
+}
+
 /// Assembles `source` (GNU as syntax, x86_64) and links it at `link_address` into an ELF at `out`,
 /// with `_start` as the entry point. Used for small purpose-built guests that run on any KVM,
 /// including PVM hosts where stock Linux cannot boot.

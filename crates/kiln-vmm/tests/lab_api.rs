@@ -60,9 +60,7 @@ wait $VMM; echo "vmm-exit=$?"
 echo "--- console"; cat /tmp/console; echo "--- vmm log"; cat /tmp/vmm.log
 "#;
 
-fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
-    out.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix} line in:\n{out}"))
-}
+use kiln_test_utils::line_starting as line;
 
 #[test]
 fn api_drives_a_linux_guest_in_the_lab() {

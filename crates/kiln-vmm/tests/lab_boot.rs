@@ -43,11 +43,7 @@ fn mem_total_kib(out: &str) -> u64 {
         .unwrap_or_else(|| panic!("no MemTotal in guest output:\n{out}"))
 }
 
-fn value<'a>(out: &'a str, key: &str) -> &'a str {
-    out.lines()
-        .find_map(|l| l.trim().strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key}= in guest output:\n{out}"))
-}
+use kiln_test_utils::key_value as value;
 
 fn sha(path: &Path) -> String {
     let o = Command::new("sha256sum").arg(path).output().unwrap();

@@ -84,9 +84,7 @@ echo "--- console"; cat /tmp/console; echo "--- vmm log"; cat /tmp/vmm.log
     )
 }
 
-fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
-    out.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix} line in:\n{out}"))
-}
+use kiln_test_utils::line_starting as line;
 
 fn number(out: &str, prefix: &str) -> u64 {
     line(out, prefix).trim_start_matches(prefix).trim().parse().unwrap_or_else(|_| panic!("{prefix}: {out}"))

@@ -39,9 +39,7 @@ echo "--- uds-serve"; cat /tmp/uds-serve.out
 echo "--- vmm log"; tail -20 /tmp/vmm.log
 "#;
 
-fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
-    out.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix} line in:\n{out}"))
-}
+use kiln_test_utils::line_starting as line;
 
 #[test]
 fn vsock_both_ways_with_a_linux_guest_in_the_lab() {
