@@ -216,7 +216,7 @@ impl NetPlan {
         let vmm_cmd = self.vmm_command(vmm).iter().map(|w| sh_quote(w)).collect::<Vec<_>>().join(" ");
         format!(
             "{vmm_cmd} >/tmp/console.log 2>/tmp/vmm.log & VMM=$!\n\
-             /usr/bin/kiln-bench netpump --guest {GUEST_IP} --rounds {r} --bytes {b}; rc=$?\n\
+             timeout 600 /usr/bin/kiln-bench netpump --guest {GUEST_IP} --rounds {r} --bytes {b}; rc=$?\n\
              timeout 120 sh -c \"while kill -0 $VMM 2>/dev/null; do sleep 0.2; done\" || kill -9 $VMM\n\
              wait $VMM; echo \"vmm-exit=$?\" >&2\n\
              if [ $rc != 0 ]; then tail -c 3000 /tmp/console.log >&2; tail -c 2000 /tmp/vmm.log >&2; fi\n\
