@@ -22,6 +22,17 @@ use kiln_network::PortMapping;
 /// Exit code for kiln's own errors.
 const KILN_ERROR: u8 = 125;
 
+/// `println!` for kiln's results on stdout. A reader that went away (`kiln ps | head -1`) ends
+/// kiln quietly with 141 (128 + SIGPIPE, as a shell reports it) instead of a panic; any other
+/// write error is reported.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            stdout_failed(e)
+        }
+    };
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "kiln", version, about = "OCI images in, microVMs out")]
 struct Cli {
@@ -308,6 +319,14 @@ fn parse_size_bytes(s: &str) -> Result<u64, String> {
     Ok(if has_suffix { n } else { n << 20 })
 }
 
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141);
+    }
+    eprintln!("kiln: writing to standard output: {e}");
+    std::process::exit(i32::from(KILN_ERROR));
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -341,7 +360,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Run(args) => run_vm(&m, args),
         Cmd::Create(args) => {
             let entry = create(&m, &args)?;
-            println!("{}", entry.name);
+            outln!("{}", entry.name);
             Ok(0)
         }
         Cmd::Start { vms } => each(&vms, |vm| {
@@ -357,7 +376,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Ps { all, format } => {
             let vms = m.list(all)?;
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&vms)?),
+                Format::Json => outln!("{}", serde_json::to_string_pretty(&vms)?),
                 Format::Table => print_ps(&vms),
             }
             Ok(0)
@@ -366,7 +385,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             let entry = m.inspect(&vm)?;
             let mut value = serde_json::to_value(&entry)?;
             value["dir"] = serde_json::json!(m.vm_dir(&vm)?);
-            println!("{}", serde_json::to_string_pretty(&value)?);
+            outln!("{}", serde_json::to_string_pretty(&value)?);
             Ok(0)
         }
         Cmd::Logs { follow, vm } => logs(&m, &vm, follow),
@@ -411,21 +430,22 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Info { format } => {
             let report = m.host_report();
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Format::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
                 Format::Table => {
-                    println!("/dev/kvm: {}", m.probe().kvm);
+                    outln!("/dev/kvm: {}", m.probe().kvm);
                     for c in report {
                         let accel = c.accelerator.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
                         let usable = if c.usable { "usable" } else { "unusable" };
-                        println!(
+                        outln!(
                             "{:<9} {usable:<9} accelerator {accel:<4} agent over {:?}",
-                            c.backend, c.agent_transport
+                            c.backend,
+                            c.agent_transport
                         );
                         if let Some(r) = c.reason {
-                            println!("          why not: {r}");
+                            outln!("          why not: {r}");
                         }
                         if let Some(n) = c.notice {
-                            println!("          note: {n}");
+                            outln!("          note: {n}");
                         }
                     }
                 }
@@ -434,7 +454,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::System(SystemCmd::Prune) => {
             let s = m.prune()?;
-            println!(
+            outln!(
                 "removed {} image(s), {} blob(s), {} cache file(s) ({:.1} MB), kernels [{}], VMs [{}]",
                 s.images.images,
                 s.images.blobs,
@@ -459,7 +479,7 @@ fn each(vms: &[String], mut f: impl FnMut(&str) -> kiln_manager::Result<()>) -> 
     let mut failed = 0;
     for vm in vms {
         match f(vm) {
-            Ok(()) => println!("{vm}"),
+            Ok(()) => outln!("{vm}"),
             Err(e) => {
                 failed += 1;
                 eprintln!("kiln: {vm}: {:#}", anyhow::Error::from(e));
@@ -499,7 +519,7 @@ fn run_vm(m: &Manager, args: RunArgs) -> anyhow::Result<i32> {
     if args.detach {
         let started = m.start(&name, None).inspect_err(|_| cleanup(m, &name, args.create.rm))?;
         notice(started.notice.as_deref());
-        println!("{name}");
+        outln!("{name}");
         return Ok(0);
     }
     let tty = args.tty.then(|| term::window_size().map(|w| (w.rows, w.cols)).unwrap_or((24, 80)));
@@ -557,14 +577,14 @@ fn ago(secs: u64) -> String {
 }
 
 fn print_ps(vms: &[VmEntry]) {
-    println!("{:<12}  {:<20}  {:<28}  {:<14}  {:<9}  CREATED", "ID", "NAME", "IMAGE", "STATUS", "BACKEND");
+    outln!("{:<12}  {:<20}  {:<28}  {:<14}  {:<9}  CREATED", "ID", "NAME", "IMAGE", "STATUS", "BACKEND");
     for e in vms {
         let status = match (e.status, e.exit_code()) {
             (VmStatus::Exited, Some(code)) => format!("exited ({code})"),
             (s, _) => s.to_string(),
         };
         let image: String = e.image.chars().take(28).collect();
-        println!(
+        outln!(
             "{:<12}  {:<20}  {image:<28}  {status:<14}  {:<9}  {}",
             &e.id[..12.min(e.id.len())],
             e.name,
@@ -610,12 +630,12 @@ fn image(m: &Manager, cmd: ImageCmd) -> anyhow::Result<i32> {
             let r = Reference::parse(&reference)?;
             let options = RegistryOptions { insecure_registries: insecure_registry, ..Default::default() };
             let s = images.pull(&r, &options, &progress::Bars::new())?;
-            println!("{} {}", r.name(), s.id);
+            outln!("{} {}", r.name(), s.id);
         }
         ImageCmd::Import { path, name } => {
             let name = name.map(|n| Reference::parse(&n)).transpose()?;
             for s in images.import(&path, name.as_ref(), &progress::Bars::new())? {
-                println!("{} {}", s.names.join(","), s.id);
+                outln!("{} {}", s.names.join(","), s.id);
             }
         }
         ImageCmd::Ls { format } => {
@@ -626,20 +646,16 @@ fn image(m: &Manager, cmd: ImageCmd) -> anyhow::Result<i32> {
                         .iter()
                         .map(|s| serde_json::json!({"names": s.names, "id": s.id.to_string(), "digest": s.digest.to_string(), "size": s.size, "added_at": s.added_at}))
                         .collect();
-                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                    outln!("{}", serde_json::to_string_pretty(&rows)?);
                 }
                 Format::Table => {
-                    println!("{:<50}  {:<19}  {:>10}  ADDED", "NAME", "ID", "SIZE");
+                    outln!("{:<50}  {:<19}  {:>10}  ADDED", "NAME", "ID", "SIZE");
                     for s in list {
                         let id: String = s.id.to_string().chars().skip(7).take(12).collect();
                         let names =
                             if s.names.is_empty() { vec!["<none>".to_string()] } else { s.names.clone() };
                         for n in names {
-                            println!(
-                                "{n:<50}  {id:<19}  {:>7.1} MB  {}",
-                                s.size as f64 / 1e6,
-                                ago(s.added_at)
-                            );
+                            outln!("{n:<50}  {id:<19}  {:>7.1} MB  {}", s.size as f64 / 1e6, ago(s.added_at));
                         }
                     }
                 }
@@ -653,7 +669,7 @@ fn image(m: &Manager, cmd: ImageCmd) -> anyhow::Result<i32> {
                 "created": d.created, "config": d.config,
                 "layers": d.layers.iter().map(|l| serde_json::json!({"digest": l.digest.to_string(), "size": l.size, "mediaType": l.media_type})).collect::<Vec<_>>(),
             });
-            println!("{}", serde_json::to_string_pretty(&value)?);
+            outln!("{}", serde_json::to_string_pretty(&value)?);
         }
         ImageCmd::Rm { images: names } => {
             let mut failed = false;
@@ -661,10 +677,10 @@ fn image(m: &Manager, cmd: ImageCmd) -> anyhow::Result<i32> {
                 match images.remove(&n) {
                     Ok(r) => {
                         for u in r.untagged {
-                            println!("untagged {u}");
+                            outln!("untagged {u}");
                         }
                         if let Some(d) = r.deleted {
-                            println!("deleted {d}");
+                            outln!("deleted {d}");
                         }
                     }
                     Err(e) => {
@@ -684,21 +700,16 @@ fn network(m: &Manager, cmd: NetworkCmd) -> anyhow::Result<i32> {
     match cmd {
         NetworkCmd::Ls => {
             nets.ensure_default()?;
-            println!("{:<16}  {:<18}  {:<16}  VMS", "NAME", "SUBNET", "GATEWAY");
+            outln!("{:<16}  {:<18}  {:<16}  VMS", "NAME", "SUBNET", "GATEWAY");
             for n in nets.list()? {
                 let vms = nets.leases(&n.name)?.len();
-                println!(
-                    "{:<16}  {:<18}  {:<16}  {vms}",
-                    n.name,
-                    n.subnet.to_string(),
-                    n.gateway.to_string()
-                );
+                outln!("{:<16}  {:<18}  {:<16}  {vms}", n.name, n.subnet.to_string(), n.gateway.to_string());
             }
             Ok(0)
         }
         NetworkCmd::Create { name, subnet } => {
             nets.create(&kiln_network::NetworkConfig::new(&name, subnet)?)?;
-            println!("{name}");
+            outln!("{name}");
             Ok(0)
         }
         NetworkCmd::Rm { force, names } => {
@@ -710,16 +721,16 @@ fn network(m: &Manager, cmd: NetworkCmd) -> anyhow::Result<i32> {
 fn kernel(m: &Manager, cmd: KernelCmd) -> anyhow::Result<i32> {
     match cmd {
         KernelCmd::Ls => {
-            println!("{:<24}  {:>10}  {:<8}  SOURCE", "NAME", "SIZE", "DEFAULT");
+            outln!("{:<24}  {:>10}  {:<8}  SOURCE", "NAME", "SIZE", "DEFAULT");
             for k in m.kernels().list()? {
                 let default = if k.default { "yes" } else { "" };
-                println!("{:<24}  {:>7.1} MB  {default:<8}  {}", k.name, k.size as f64 / 1e6, k.source);
+                outln!("{:<24}  {:>7.1} MB  {default:<8}  {}", k.name, k.size as f64 / 1e6, k.source);
             }
         }
         KernelCmd::Import { source, name, default } => {
             let k =
                 m.kernels().import(m.images(), &source, name.as_deref(), default, &progress::Bars::new())?;
-            println!("{}{}", k.name, if k.default { " (default)" } else { "" });
+            outln!("{}{}", k.name, if k.default { " (default)" } else { "" });
         }
         KernelCmd::Build { name, repo } => {
             let repo = match repo.or_else(|| std::env::var_os("KILN_REPO").map(PathBuf::from)) {
@@ -740,11 +751,11 @@ fn kernel(m: &Manager, cmd: KernelCmd) -> anyhow::Result<i32> {
                 false,
                 &kiln_image::NoProgress,
             )?;
-            println!("{}{}", k.name, if k.default { " (default)" } else { "" });
+            outln!("{}{}", k.name, if k.default { " (default)" } else { "" });
         }
         KernelCmd::Rm { name } => {
             m.remove_kernel(&name)?;
-            println!("{name}");
+            outln!("{name}");
         }
     }
     Ok(0)
