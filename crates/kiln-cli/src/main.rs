@@ -530,8 +530,9 @@ fn run_vm(m: &Manager, args: RunArgs) -> anyhow::Result<i32> {
     let status = match attached {
         Ok((client, process)) => {
             let status = term::attach(process, args.interactive, args.tty);
-            if status.is_ok() {
-                // The main process ended and its code is ours: power the guest off now. Left alone,
+            if status.is_ok() && !args.create.rm {
+                // The main process ended and its code is ours: power the guest off now (a `--rm`
+                // VM is killed by finish_attached instead). Left alone,
                 // the agent waits until it sees this connection close (up to its exit linger, 3 s;
                 // a virtio-serial port reports the close late: bench/kiln measured it).
                 let _ = client.shutdown(ShutdownAction::Poweroff, None);

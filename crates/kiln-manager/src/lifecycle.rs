@@ -424,13 +424,19 @@ impl Manager {
 
     /// After the foreground main process ended (and the caller dropped its agent connection): waits
     /// for the guest to power off (killing it after a while), records the exit, removes a `--rm` VM.
+    /// A `--rm` VM whose main process's status is known is killed at once instead: its disk is
+    /// about to be deleted, so a clean shutdown would buy nothing.
     /// Returns the exit code `kiln run` exits with.
     pub fn finish_attached(&self, name: &str, status: Option<ExitStatus>) -> Result<i32> {
         phase!("finish: main process ended");
         let entry = self.inspect(name)?;
         if entry.status.is_live() {
             let vm = self.handle(&entry)?;
-            if vm.wait(Some(POWEROFF_WAIT))?.is_none() {
+            if entry.auto_remove && status.is_some() {
+                // `--rm` with the main process's code in hand: the guest's disk is deleted next,
+                // so nothing in it needs a clean shutdown (sync, remount) — end the VMM at once.
+                vm.kill()?;
+            } else if vm.wait(Some(POWEROFF_WAIT))?.is_none() {
                 tracing::warn!(vm = %entry.name, "the guest did not power off; killing its VMM");
                 vm.kill()?;
             }
