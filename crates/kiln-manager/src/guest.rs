@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use kiln_hypervisor::BackendKind;
+use kiln_image::store::write_atomic;
 use serde_json::json;
 
 use crate::error::{io_err, ManagerError, Result};
@@ -204,11 +205,11 @@ pub fn write_resolv_conf(disk: &Path, servers: &[std::net::Ipv4Addr]) -> Result<
 }
 
 /// Writes a new ed25519 key pair in OpenSSH's formats: `private` (mode 0600) and `private.pub`.
-/// Generated in-process (a `ssh-keygen` run per VM cost ~120 ms in the lab); each file is written
-/// to a temporary name and renamed, so a crash leaves either no key or a whole one.
+/// Generated in-process (a `ssh-keygen` run per VM cost ~120 ms in the lab); each file is replaced
+/// atomically, in a directory only the owner may enter, so the private key is never readable by
+/// others, not even before its mode is set.
 pub fn generate_ssh_key(private: &Path, comment: &str) -> Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::PermissionsExt as _;
 
     let key_error = |e: ssh_key::Error| ManagerError::Tool {
         tool: "ssh key generation",
@@ -217,27 +218,18 @@ pub fn generate_ssh_key(private: &Path, comment: &str) -> Result<()> {
     };
     if let Some(dir) = private.parent() {
         fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err("restricting", dir))?;
     }
     let mut key = ssh_key::PrivateKey::random(&mut ssh_key::rand_core::OsRng, ssh_key::Algorithm::Ed25519)
         .map_err(key_error)?;
     key.set_comment(comment);
     let private_text = key.to_openssh(ssh_key::LineEnding::LF).map_err(key_error)?;
     let public_text = key.public_key().to_openssh().map_err(key_error)? + "\n";
-    let public = private.with_extension("pub");
-    for (path, text, mode) in
-        [(private, private_text.as_bytes(), 0o600), (&public, public_text.as_bytes(), 0o644)]
-    {
-        let tmp = path.with_extension("tmp");
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(io_err("creating", &tmp))?;
-        file.write_all(text).and_then(|()| file.sync_all()).map_err(io_err("writing", &tmp))?;
-        fs::rename(&tmp, path).map_err(io_err("renaming", &tmp))?;
-    }
+    write_atomic(private, private_text.as_bytes())?;
+    // ssh refuses a private key others could read.
+    fs::set_permissions(private, fs::Permissions::from_mode(0o600))
+        .map_err(io_err("restricting", private))?;
+    write_atomic(&private.with_extension("pub"), public_text.as_bytes())?;
     Ok(())
 }
 
@@ -270,6 +262,7 @@ mod tests {
         assert!(public.starts_with("ssh-ed25519 ") && public.ends_with(" kiln-test\n"), "{public}");
         // ssh refuses private keys others can read.
         assert_eq!(fs::metadata(&private).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::metadata(private.parent().unwrap()).unwrap().permissions().mode() & 0o777, 0o700);
         // OpenSSH itself reads the private key and derives the same public key from it.
         let derived = Command::new("ssh-keygen").arg("-y").arg("-f").arg(&private).output().unwrap();
         assert!(derived.status.success(), "{}", String::from_utf8_lossy(&derived.stderr));
