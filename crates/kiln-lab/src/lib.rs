@@ -163,6 +163,14 @@ pub enum LabEvent<'a> {
     StepFinished(&'a StepResult),
 }
 
+/// A [`Lab::run_with`] callback that shows every step's output on stderr as it comes, so a
+/// scenario that stalls shows how far it got.
+pub fn echo_output(event: LabEvent<'_>) {
+    if let LabEvent::Output { data, .. } = event {
+        eprint!("{}", String::from_utf8_lossy(data));
+    }
+}
+
 /// What a lab run returns.
 #[derive(Debug, Clone)]
 pub struct Report {

@@ -125,11 +125,7 @@ fn the_guest_reads_back_what_the_host_put_over_mmds_v2() {
         .disk(&root)
         .timeout(Duration::from_secs(500))
         .step("mmds", &lab_script())
-        .run_with(|event| {
-            if let kiln_lab::LabEvent::Output { data, .. } = event {
-                eprint!("{}", String::from_utf8_lossy(data));
-            }
-        })
+        .run_with(kiln_lab::echo_output)
         .unwrap();
     let s = report.step("mmds").unwrap();
     let out = s.stdout_str();

@@ -84,12 +84,7 @@ fn vsock_both_ways_with_a_linux_guest_in_the_lab() {
         .disk(&root)
         .timeout(Duration::from_secs(300))
         .step("vsock", LAB_SCRIPT)
-        .run_with(|event| {
-            // Live output: if the lab stalls, the log shows how far the scenario got.
-            if let kiln_lab::LabEvent::Output { data, .. } = event {
-                eprint!("{}", String::from_utf8_lossy(data));
-            }
-        })
+        .run_with(kiln_lab::echo_output)
         .unwrap();
     let s = report.step("vsock").unwrap();
     let out = s.stdout_str();
