@@ -27,8 +27,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::frame::{ProtoError, MAX_DATA_CHUNK};
 use crate::handshake::{client_handshake, hello};
 use crate::message::{
-    read_envelope, write_envelope, Channel, CopyFormat, CopyIn, CopyOut, ExecRequest, ExitStatus, Message,
-    Shutdown, ShutdownAction, Welcome, WindowSize,
+    read_envelope, write_envelope, Channel, CopyFormat, CopyIn, CopyOut, ExecRequest, ExitStatus,
+    GuestConfig, Message, Shutdown, ShutdownAction, Welcome, WindowSize,
 };
 use crate::window::{RecvWindow, SendWindow};
 
@@ -63,6 +63,11 @@ pub enum ClientError {
     Local(#[source] io::Error),
     #[error("timed out after {0:?} waiting for the agent")]
     Timeout(Duration),
+    #[error(
+        "the guest's agent ({software}, protocol {major}.{minor}) is too old for {what}; rebuild it \
+         with scripts/build-agent and create the VM again"
+    )]
+    TooOld { software: String, major: u16, minor: u16, what: &'static str },
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -537,6 +542,40 @@ impl Client {
         self.expect_ok(&Message::SetTime { secs: d.as_secs() as i64, nanos: d.subsec_nanos() })
     }
 
+    /// Gives the agent its configuration for this boot (clock, hostname, ssh key, name servers, the
+    /// main process). Once per boot: the agent refuses a second one.
+    pub fn configure(&self, config: GuestConfig) -> Result<(), ClientError> {
+        self.require_minor(1, "Configure")?;
+        self.expect_ok(&Message::Configure(Box::new(config)))
+    }
+
+    /// Fails when the agent's protocol is older than `minor` (what it lacks: `what`).
+    fn require_minor(&self, minor: u16, what: &'static str) -> Result<(), ClientError> {
+        if self.welcome.minor >= minor {
+            return Ok(());
+        }
+        Err(ClientError::TooOld {
+            software: self.welcome.software.clone(),
+            major: self.welcome.major,
+            minor: self.welcome.minor,
+            what,
+        })
+    }
+
+    /// [`Client::configure`] and [`Client::attach_main`] in one round trip: both requests go out
+    /// before either answer is read (the agent handles a connection's requests in order).
+    pub fn configure_and_attach(&self, config: GuestConfig) -> Result<Process, ClientError> {
+        self.require_minor(1, "Configure")?;
+        let configure = self.open(&Message::Configure(Box::new(config)))?;
+        let attach = self.open(&Message::AttachMain)?;
+        match configure.next_control(None)? {
+            Message::Ok => {}
+            Message::Error { message } => return Err(ClientError::Remote(message)),
+            m => return Err(ClientError::Unexpected { expected: "Ok", got: m.name() }),
+        }
+        Self::started(attach)
+    }
+
     /// Asks the agent to stop everything and power off or reboot the guest. Returns once the agent
     /// accepted; the connection then ends when the guest goes down.
     pub fn shutdown(&self, action: ShutdownAction, grace: Option<Duration>) -> Result<(), ClientError> {
@@ -555,7 +594,11 @@ impl Client {
     }
 
     fn start(&self, msg: &Message) -> Result<Process, ClientError> {
-        let h = self.open(msg)?;
+        Self::started(self.open(msg)?)
+    }
+
+    /// The answer to an Exec or AttachMain sent on `h`.
+    fn started(h: StreamHandle) -> Result<Process, ClientError> {
         match h.next_control(None)? {
             Message::Started { pid } => Ok(Process { h, pid }),
             Message::Error { message } => Err(ClientError::Remote(message)),

@@ -133,7 +133,14 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     fn welcome() -> Welcome {
-        Welcome { major: 0, minor: 0, software: "agent".into(), pid1: false, has_main: false }
+        Welcome {
+            major: 0,
+            minor: 0,
+            software: "agent".into(),
+            pid1: false,
+            has_main: false,
+            configured: true,
+        }
     }
 
     fn run(h: Hello) -> (Result<Welcome, ProtoError>, Result<(Hello, Welcome), ProtoError>) {

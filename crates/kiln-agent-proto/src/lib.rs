@@ -30,14 +30,14 @@ pub mod window;
 pub use client::{Client, ClientError, Output, Process};
 pub use frame::{ProtoError, MAX_DATA_CHUNK, MAX_FRAME_LEN};
 pub use message::{
-    Channel, CopyFormat, CopyIn, CopyOut, Envelope, ExecRequest, ExitStatus, Message, ShutdownAction,
-    WindowSize,
+    Channel, CopyFormat, CopyIn, CopyOut, Envelope, ExecRequest, ExitStatus, GuestConfig, MainConfig,
+    Message, PoweroffMethod, ShutdownAction, Timestamp, WindowSize,
 };
 
 /// Major protocol version: peers with different majors refuse each other in the handshake.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Minor protocol version: additions only; the session uses the smaller of the two minors.
-pub const PROTOCOL_MINOR: u16 = 0;
+pub const PROTOCOL_MINOR: u16 = 1;
 
 /// AF_VSOCK port the agent listens on in the guest (host side: `CONNECT 1024\n`).
 pub const VSOCK_PORT: u32 = 1024;

@@ -23,6 +23,7 @@ pub mod kind {
     pub const SHUTDOWN: u8 = 7;
     pub const OK: u8 = 8;
     pub const ERROR: u8 = 9;
+    pub const CONFIGURE: u8 = 10;
     pub const EXEC: u8 = 16;
     pub const STARTED: u8 = 17;
     pub const STDIN: u8 = 18;
@@ -68,6 +69,100 @@ pub struct Welcome {
     pub pid1: bool,
     /// Whether a main process (the image's entrypoint + cmd) is configured.
     pub has_main: bool,
+    /// Whether the agent has its configuration for this boot (from [`Message::Configure`] or a
+    /// config file). Agents before minor version 1 only had the file: they count as configured.
+    #[serde(default = "configured_by_default")]
+    pub configured: bool,
+}
+
+fn configured_by_default() -> bool {
+    true
+}
+
+/// The guest's configuration for one boot: what the host sends in [`Message::Configure`] right
+/// after the guest came up (or, for an agent under another init, `/etc/kiln/agent.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestConfig {
+    /// Hostname to set (PID 1 only).
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// The image's entrypoint + cmd and how to run it; none: the agent only serves the host.
+    #[serde(default)]
+    pub main: Option<MainConfig>,
+    /// How "power off" is done as PID 1.
+    #[serde(default)]
+    pub poweroff: PoweroffMethod,
+    /// After the main process exits, how long the agent waits (while a host is connected) for the
+    /// host to collect the exit and send Shutdown before it powers off by itself.
+    #[serde(default = "default_exit_linger_ms")]
+    pub exit_linger_ms: u64,
+    /// The guest's CLOCK_REALTIME (PID 1 only; a microVM has no battery-backed clock).
+    #[serde(default)]
+    pub time: Option<Timestamp>,
+    /// Written to `/root/.ssh/authorized_keys` (PID 1 only), for `kiln ssh`.
+    #[serde(default)]
+    pub authorized_keys: Option<String>,
+    /// Name servers written to `/etc/resolv.conf` (PID 1 only); empty: the image's file stays.
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            hostname: None,
+            main: None,
+            poweroff: PoweroffMethod::default(),
+            exit_linger_ms: default_exit_linger_ms(),
+            time: None,
+            authorized_keys: None,
+            nameservers: Vec::new(),
+        }
+    }
+}
+
+fn default_exit_linger_ms() -> u64 {
+    3000
+}
+
+/// The main process: an exec request (`argv`, `env`, `cwd`, `user`; with `wait_for_attach` also
+/// `tty` and `stdin`) plus how it starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MainConfig {
+    #[serde(flatten)]
+    pub exec: ExecRequest,
+    /// Start only when a host attaches (AttachMain) and stream its stdio there, like `docker run`
+    /// in the foreground. Otherwise it starts when configured, with stdin /dev/null and its output
+    /// on the console.
+    #[serde(default)]
+    pub wait_for_attach: bool,
+}
+
+/// How PID 1 powers the VM off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoweroffMethod {
+    /// `reboot(RB_AUTOBOOT)`: a microVM without ACPI power-off (kiln-vmm, Firecracker, QEMU with
+    /// `-no-reboot`) ends its VMM on guest reboot (with `reboot=k`/`reboot=t` on the cmdline).
+    #[default]
+    Reboot,
+    /// `reboot(RB_POWER_OFF)`: for machines with ACPI power-off. Without it the kernel only halts.
+    Acpi,
+}
+
+/// A point in time: seconds and nanoseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl Timestamp {
+    /// `time` as a timestamp (the epoch for times before it).
+    pub fn of(time: std::time::SystemTime) -> Timestamp {
+        let d = time.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Timestamp { secs: i64::try_from(d.as_secs()).unwrap_or(i64::MAX), nanos: d.subsec_nanos() }
+    }
 }
 
 /// The agent's answer to an incompatible or malformed [`Hello`]; the agent then closes.
@@ -207,6 +302,9 @@ pub enum Message {
         nanos: u32,
     },
     Shutdown(Shutdown),
+    /// The guest's configuration for this boot (minor version 1); answered with Ok or Error. Sent
+    /// once per boot, when the Welcome says the agent is not configured yet.
+    Configure(Box<GuestConfig>),
     Ok,
     /// A request failed, or (on stream 0) the connection is being closed; text for the user.
     Error {
@@ -302,6 +400,7 @@ impl Message {
             Message::Pong => "Pong",
             Message::SetTime { .. } => "SetTime",
             Message::Shutdown(_) => "Shutdown",
+            Message::Configure(_) => "Configure",
             Message::Ok => "Ok",
             Message::Error { .. } => "Error",
             Message::Exec(_) => "Exec",
@@ -350,6 +449,7 @@ impl Message {
                 (SET_TIME, j(serde_json::to_vec(&SetTimeBody { secs: *secs, nanos: *nanos }))?)
             }
             Message::Shutdown(s) => (SHUTDOWN, j(serde_json::to_vec(s))?),
+            Message::Configure(c) => (CONFIGURE, j(serde_json::to_vec(c))?),
             Message::Ok => (OK, vec![]),
             Message::Error { message } => {
                 (ERROR, j(serde_json::to_vec(&ErrorBody { message: message.clone() }))?)
@@ -404,6 +504,7 @@ impl Message {
                 Message::SetTime { secs: t.secs, nanos: t.nanos }
             }
             SHUTDOWN => Message::Shutdown(json("Shutdown", b)?),
+            CONFIGURE => Message::Configure(Box::new(json("Configure", b)?)),
             OK => empty("Ok", b, Message::Ok)?,
             ERROR => Message::Error { message: json::<ErrorBody>("Error", b)?.message },
             EXEC => Message::Exec(json("Exec", b)?),
@@ -480,12 +581,26 @@ mod tests {
                 software: "a".into(),
                 pid1: true,
                 has_main: false,
+                configured: false,
             }),
             Message::Refused(Refused { reason: "no".into(), major: 2, minor: 0 }),
             Message::Ping,
             Message::Pong,
             Message::SetTime { secs: 1_700_000_000, nanos: 5 },
             Message::Shutdown(Shutdown { action: ShutdownAction::Reboot, grace_ms: Some(100) }),
+            Message::Configure(Box::new(GuestConfig {
+                hostname: Some("vm-1".into()),
+                main: Some(MainConfig {
+                    exec: ExecRequest { argv: vec!["true".into()], ..Default::default() },
+                    wait_for_attach: true,
+                }),
+                poweroff: PoweroffMethod::Acpi,
+                exit_linger_ms: 10,
+                time: Some(Timestamp { secs: 1_700_000_000, nanos: 7 }),
+                authorized_keys: Some("ssh-ed25519 AAAA k\n".into()),
+                nameservers: vec!["10.77.0.1".into()],
+            })),
+            Message::Configure(Box::default()),
             Message::Ok,
             Message::Error { message: "boom".into() },
             Message::Exec(ExecRequest {
@@ -553,6 +668,28 @@ mod tests {
         let big = RawFrame { kind: kind::STDOUT, stream: 1, body: vec![0; MAX_DATA_CHUNK + 1] };
         assert!(matches!(Message::decode(&big), Err(ProtoError::DataTooLarge { .. })));
         assert!(Message::Stdout(vec![0; MAX_DATA_CHUNK + 1]).encode(1).is_err());
+    }
+
+    #[test]
+    fn welcomes_of_agents_before_configure_count_as_configured() {
+        let f = RawFrame {
+            kind: kind::WELCOME,
+            stream: 0,
+            body: br#"{"major":1,"minor":0,"software":"old","pid1":true,"has_main":true}"#.to_vec(),
+        };
+        let Message::Welcome(w) = Message::decode(&f).unwrap() else { panic!() };
+        assert!(w.configured);
+    }
+
+    #[test]
+    fn a_configure_with_only_a_main_gets_the_defaults() {
+        let f = RawFrame { kind: kind::CONFIGURE, stream: 1, body: br#"{"main":{"argv":["sh"]}}"#.to_vec() };
+        let Message::Configure(c) = Message::decode(&f).unwrap() else { panic!() };
+        assert_eq!(
+            c.main.as_ref().map(|m| (m.exec.argv.clone(), m.wait_for_attach)),
+            Some((vec!["sh".into()], false))
+        );
+        assert_eq!((c.poweroff, c.exit_linger_ms, c.time), (PoweroffMethod::Reboot, 3000, None));
     }
 
     #[test]

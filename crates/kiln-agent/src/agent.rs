@@ -54,20 +54,34 @@ enum MainPhase {
 pub struct Agent {
     pub role: Role,
     pub reaper: Reaper,
-    pub config: AgentConfig,
-    /// Why the config could not be used (then there is no main process).
+    /// Why the config file could not be used (then there is no main process).
     pub config_error: Option<String>,
     /// Where passwd and group are read.
     pub etc: PathBuf,
-    main: Mutex<MainPhase>,
+    /// This boot's configuration (none until the host sends it, when there was no config file)
+    /// and the main process's phase, changed together.
+    state: Mutex<State>,
     main_cond: Condvar,
     stop_tx: Mutex<Sender<StopRequest>>,
     stopping: AtomicBool,
     connections: AtomicUsize,
 }
 
+struct State {
+    config: Option<Arc<AgentConfig>>,
+    main: MainPhase,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn initial_phase(config: &AgentConfig) -> MainPhase {
+    match &config.main {
+        None => MainPhase::None,
+        Some(m) if m.wait_for_attach => MainPhase::WaitingForAttach,
+        Some(_) => MainPhase::Running,
+    }
 }
 
 /// Counts a live host connection while it exists.
@@ -80,24 +94,20 @@ impl Drop for ConnectionGuard {
 }
 
 impl Agent {
+    /// An agent configured by `config` (a config file), or waiting for the host's `Configure`.
     pub fn new(
         role: Role,
-        config: AgentConfig,
+        config: Option<AgentConfig>,
         config_error: Option<String>,
         stop_tx: Sender<StopRequest>,
     ) -> Agent {
-        let main = match &config.main {
-            None => MainPhase::None,
-            Some(m) if m.wait_for_attach => MainPhase::WaitingForAttach,
-            Some(_) => MainPhase::Running,
-        };
+        let main = config.as_ref().map_or(MainPhase::None, initial_phase);
         Agent {
             role,
             reaper: Reaper::default(),
-            config,
             config_error,
             etc: PathBuf::from("/etc"),
-            main: Mutex::new(main),
+            state: Mutex::new(State { config: config.map(Arc::new), main }),
             main_cond: Condvar::new(),
             stop_tx: Mutex::new(stop_tx),
             stopping: AtomicBool::new(false),
@@ -123,14 +133,45 @@ impl Agent {
         let _ = lock(&self.stop_tx).send(req);
     }
 
-    pub fn has_main(&self) -> bool {
-        self.config.main.is_some()
+    /// This boot's configuration (the defaults until there is one).
+    pub fn config(&self) -> Arc<AgentConfig> {
+        lock(&self.state).config.clone().unwrap_or_default()
     }
 
-    /// Starts the main process at boot when it does not wait for an attach: stdin /dev/null,
-    /// output on the agent's own stdout/stderr (the console as PID 1).
+    pub fn is_configured(&self) -> bool {
+        lock(&self.state).config.is_some()
+    }
+
+    pub fn has_main(&self) -> bool {
+        lock(&self.state).config.as_ref().is_some_and(|c| c.main.is_some())
+    }
+
+    /// Takes the host's configuration for this boot: applies what it says about the machine
+    /// (clock, hostname, ssh key, name servers: PID 1 only, each failure reported on the console)
+    /// and starts a main process that does not wait for an attach. Only once per boot.
+    pub fn configure(self: &Arc<Self>, config: AgentConfig) -> Result<(), String> {
+        crate::config::check(&config)?;
+        {
+            let mut state = lock(&self.state);
+            if state.config.is_some() {
+                return Err("the agent is already configured for this boot (a VM is configured once, \
+                     when it starts)"
+                    .into());
+            }
+            state.main = initial_phase(&config);
+            state.config = Some(Arc::new(config.clone()));
+        }
+        if self.role == Role::Init {
+            crate::init::apply_guest_config(&config);
+        }
+        self.start_detached_main();
+        Ok(())
+    }
+
+    /// Starts the main process when it does not wait for an attach: stdin /dev/null, output on
+    /// the agent's own stdout/stderr (the console as PID 1).
     pub fn start_detached_main(self: &Arc<Self>) {
-        let Some(cfg) = self.config.main.clone().filter(|m| !m.wait_for_attach) else { return };
+        let Some(cfg) = self.config().main.clone().filter(|m| !m.wait_for_attach) else { return };
         match spawn::spawn(&self.reaper, &cfg.exec, StdioMode::Console, &self.etc) {
             Ok(sp) => {
                 tracing::info!(pid = sp.pid, "main process started: {:?}", cfg.exec.argv);
@@ -146,13 +187,14 @@ impl Agent {
 
     /// For AttachMain: the request to run when the main process waits for an attach.
     pub fn take_main_for_attach(&self) -> Result<ExecRequest, String> {
-        let mut phase = lock(&self.main);
-        match (*phase, &self.config.main) {
+        let mut state = lock(&self.state);
+        let main = state.config.as_ref().and_then(|c| c.main.clone());
+        match (state.main, main) {
             (MainPhase::WaitingForAttach, Some(cfg)) => {
-                *phase = MainPhase::Running;
-                Ok(cfg.exec.clone())
+                state.main = MainPhase::Running;
+                Ok(cfg.exec)
             }
-            (MainPhase::None, _) | (_, None) => Err(self.no_main_reason()),
+            (MainPhase::None, _) | (_, None) => Err(self.no_main_reason(state.config.is_some())),
             (MainPhase::Running, _) => Err("the main process is already running (it did not wait for an \
                  attach, or another host attached); use WaitMain for its exit"
                 .into()),
@@ -160,10 +202,14 @@ impl Agent {
         }
     }
 
-    fn no_main_reason(&self) -> String {
+    /// Why there is no main process (call with the state lock held: `configured` is from it).
+    fn no_main_reason(&self, configured: bool) -> String {
         match &self.config_error {
             Some(e) => format!("no main process: {e}"),
-            None => "no main process is configured (no \"main\" in /etc/kiln/agent.json)".into(),
+            None if !configured => {
+                "no main process yet: the host has not configured the agent for this boot".into()
+            }
+            None => "no main process is configured (the configuration has no \"main\")".into(),
         }
     }
 
@@ -176,7 +222,7 @@ impl Agent {
     /// Records the main process's exit, prints the console line, and powers off (after letting
     /// connected hosts collect the exit for up to `exit_linger_ms`).
     pub fn main_exited(self: &Arc<Self>, status: ExitStatus) {
-        *lock(&self.main) = MainPhase::Exited(status);
+        lock(&self.state).main = MainPhase::Exited(status);
         self.main_cond.notify_all();
         // The fallback channel for the exit code: one parseable line on the console.
         match status {
@@ -185,7 +231,7 @@ impl Agent {
         }
         let agent = self.clone();
         std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_millis(agent.config.exit_linger_ms);
+            let deadline = Instant::now() + Duration::from_millis(agent.config().exit_linger_ms);
             while Instant::now() < deadline
                 && agent.connections.load(Ordering::SeqCst) > 0
                 && !agent.is_stopping()
@@ -202,12 +248,12 @@ impl Agent {
 
     /// Waits for the main process's exit.
     pub fn wait_main(&self) -> Result<ExitStatus, String> {
-        let mut phase = lock(&self.main);
+        let mut state = lock(&self.state);
         loop {
-            match *phase {
-                MainPhase::None => return Err(self.no_main_reason()),
+            match state.main {
+                MainPhase::None => return Err(self.no_main_reason(state.config.is_some())),
                 MainPhase::Exited(s) => return Ok(s),
-                _ => phase = self.main_cond.wait(phase).unwrap_or_else(|p| p.into_inner()),
+                _ => state = self.main_cond.wait(state).unwrap_or_else(|p| p.into_inner()),
             }
         }
     }

@@ -2,6 +2,7 @@
 //! the agent stops (the guest, or only itself) in each role.
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kiln_agent_proto::ShutdownAction;
@@ -62,9 +63,9 @@ fn mounted_targets() -> HashSet<String> {
 }
 
 /// Mounts what is missing, opens the console as stdio when the kernel could not, sets the
-/// hostname, brings up loopback and makes Ctrl-Alt-Del a signal. Failures are reported on the
-/// console and do not stop the boot (a read-only root may lack a mount point).
-pub fn setup_pid1(config: &AgentConfig) {
+/// hostname from `/etc/hostname`, brings up loopback and makes Ctrl-Alt-Del a signal. Failures are
+/// reported on the console and do not stop the boot (a read-only root may lack a mount point).
+pub fn setup_pid1() {
     for m in MOUNTS {
         // /proc first, then /proc/self/mounts tells what the kernel already mounted (devtmpfs).
         let present = if m.target == "/proc" { HashSet::new() } else { mounted_targets() };
@@ -98,13 +99,10 @@ pub fn setup_pid1(config: &AgentConfig) {
             }
         }
     }
-    let hostname = config.hostname.clone().or_else(|| {
-        std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()).filter(|h| !h.is_empty())
-    });
+    let hostname =
+        std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()).filter(|h| !h.is_empty());
     if let Some(h) = hostname {
-        if let Err(e) = sys::sethostname(&h) {
-            eprintln!("kiln-agent: setting the hostname to {h:?}: {e}");
-        }
+        set_hostname(&h);
     }
     if let Err(e) = sys::loopback_up() {
         eprintln!("kiln-agent: bringing up lo: {e}");
@@ -112,6 +110,67 @@ pub fn setup_pid1(config: &AgentConfig) {
     if let Err(e) = sys::disable_ctrl_alt_del() {
         eprintln!("kiln-agent: Ctrl-Alt-Del stays a hard reboot: {e}");
     }
+}
+
+fn set_hostname(name: &str) {
+    if let Err(e) = sys::sethostname(name) {
+        eprintln!("kiln-agent: setting the hostname to {name:?}: {e}");
+    }
+}
+
+/// Applies a configuration's machine settings as PID 1: the clock, the hostname, root's
+/// `authorized_keys` and `/etc/resolv.conf`. Each failure is reported on the console and the rest
+/// still applies (a read-only root keeps its files; the main process still runs).
+pub fn apply_guest_config(config: &AgentConfig) {
+    if let Some(t) = config.time {
+        if let Err(e) = sys::set_realtime(t.secs, t.nanos) {
+            eprintln!("kiln-agent: setting the clock: {e}");
+        }
+    }
+    if let Some(h) = &config.hostname {
+        set_hostname(h);
+    }
+    if let Some(keys) = &config.authorized_keys {
+        if let Err(e) = write_authorized_keys(Path::new("/root"), keys) {
+            eprintln!("kiln-agent: writing /root/.ssh/authorized_keys: {e}");
+        }
+    }
+    if !config.nameservers.is_empty() {
+        let text: String = config.nameservers.iter().map(|s| format!("nameserver {s}\n")).collect();
+        if let Err(e) = replace_file(Path::new("/etc/resolv.conf"), text.as_bytes(), 0o644) {
+            eprintln!("kiln-agent: writing /etc/resolv.conf: {e}");
+        }
+    }
+}
+
+/// `home/.ssh/authorized_keys` (mode 0600, in a 0700 `.ssh`, as sshd's StrictModes wants).
+fn write_authorized_keys(home: &Path, keys: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    let ssh = home.join(".ssh");
+    for dir in [home, ssh.as_path()] {
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700))?;
+    replace_file(&ssh.join("authorized_keys"), keys.as_bytes(), 0o600)
+}
+
+/// Replaces `path` (a file, or a symlink itself: not its target) with `content`: a temporary file
+/// renamed over it, so a crash leaves the old or the new file.
+fn replace_file(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".kiln-new");
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+    f.write_all(content)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Maps a signal received by the agent to a stop request (None: not a stop signal).
@@ -200,7 +259,7 @@ fn stop_guest_as_pid1(agent: &Agent, kind: StopKind, grace: Duration) -> ! {
     sys::sync();
     let cmd = match kind {
         StopKind::Guest(ShutdownAction::Reboot) => libc::RB_AUTOBOOT,
-        _ => match agent.config.poweroff {
+        _ => match agent.config().poweroff {
             PoweroffMethod::Reboot => libc::RB_AUTOBOOT,
             PoweroffMethod::Acpi => libc::RB_POWER_OFF,
         },
@@ -213,4 +272,38 @@ fn stop_guest_as_pid1(agent: &Agent, kind: StopKind, grace: Duration) -> ! {
     eprintln!("kiln-agent: reboot(2) failed: {e}");
     // PID 1 exiting panics the kernel; with panic=N the VM still goes down.
     std::process::exit(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn authorized_keys_are_written_private_in_a_private_ssh_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("root");
+        write_authorized_keys(&home, "ssh-ed25519 AAAA one\n").unwrap();
+        let keys = home.join(".ssh/authorized_keys");
+        assert_eq!(std::fs::read_to_string(&keys).unwrap(), "ssh-ed25519 AAAA one\n");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&home), mode(&home.join(".ssh")), mode(&keys)), (0o700, 0o700, 0o600));
+        // A second boot replaces the key of the first.
+        write_authorized_keys(&home, "ssh-ed25519 BBBB two\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&keys).unwrap(), "ssh-ed25519 BBBB two\n");
+        assert!(!home.join(".ssh/authorized_keys.kiln-new").exists());
+    }
+
+    #[test]
+    fn a_replaced_symlink_is_replaced_itself_not_its_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("stub-resolv.conf");
+        std::fs::write(&target, "nameserver 127.0.0.53\n").unwrap();
+        let link = dir.path().join("resolv.conf");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        replace_file(&link, b"nameserver 10.77.0.1\n", 0o644).unwrap();
+        assert!(!std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read_to_string(&link).unwrap(), "nameserver 10.77.0.1\n");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "nameserver 127.0.0.53\n");
+    }
 }

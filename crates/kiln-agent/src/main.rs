@@ -1,6 +1,7 @@
 //! `kiln-agent`: the in-guest agent.
 //!
-//! Owns: running the image's main process (entrypoint + cmd from `/etc/kiln/agent.json`) and
+//! Owns: running the image's main process (entrypoint + cmd, from the host's `Configure` or
+//! `/etc/kiln/agent.json`) and
 //! whatever the host asks over `kiln-agent-proto` (exec with pipes or a pty, stdin, signals, exit
 //! codes, file copies, clock, shutdown), as the guest's PID 1 (mounting /proc, /sys, /dev, /dev/pts,
 //! /dev/shm, /run, reaping every zombie, powering the VM off) or under another init. Transports:
@@ -32,14 +33,15 @@ use clap::Parser;
 use kiln_agent_proto::{VIRTIO_PORT_NAME, VSOCK_PORT};
 
 use crate::agent::{Agent, Role};
-use crate::config::{AgentConfig, DEFAULT_CONFIG_PATH};
+use crate::config::DEFAULT_CONFIG_PATH;
 
 #[derive(Debug, Parser)]
 #[command(name = "kiln-agent", version, about = "Kiln's in-guest agent (and, with `client`, its host side)")]
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Agent configuration (main process, hostname, power-off method).
+    /// Agent configuration (main process, hostname, power-off method), when the host does not
+    /// send one (`Configure`): an agent under another init, or a hand-made guest.
     #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
     config: PathBuf,
     /// AF_VSOCK port to listen on.
@@ -123,16 +125,20 @@ fn main() {
 }
 
 fn run_agent(args: Args, role: Role) -> ! {
-    let (config, config_error) = match AgentConfig::load(&args.config) {
+    let (config, config_error) = match config::load(&args.config) {
         Ok(c) => (c, None),
         Err(e) => {
             let text = error_chain(&e);
             eprintln!("KILN-AGENT-ERROR {text}");
-            (AgentConfig::default(), Some(text))
+            // Unconfigured: the host's Configure may still give this boot a configuration.
+            (None, Some(text))
         }
     };
     if role == Role::Init {
-        init::setup_pid1(&config);
+        init::setup_pid1();
+        if let Some(config) = &config {
+            init::apply_guest_config(config);
+        }
     }
     init_logging(role == Role::Init);
     // Blocked in every thread (they inherit the mask); only the signal thread takes them. Children

@@ -222,6 +222,7 @@ fn welcome(agent: &Agent) -> Welcome {
         software: software(),
         pid1: agent.role == Role::Init,
         has_main: agent.has_main(),
+        configured: agent.is_configured(),
     }
 }
 
@@ -326,6 +327,15 @@ impl Conn {
                                 Message::Error { message: format!("setting the guest clock failed: {e}") }
                             }
                         }
+                    };
+                    self.sink.send(stream, &reply);
+                }
+            }
+            Message::Configure(config) => {
+                if self.new_stream(stream)? {
+                    let reply = match self.agent.configure(*config) {
+                        Ok(()) => Message::Ok,
+                        Err(message) => Message::Error { message },
                     };
                     self.sink.send(stream, &reply);
                 }

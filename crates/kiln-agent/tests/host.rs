@@ -405,6 +405,65 @@ fn a_detached_main_process_runs_at_start_and_wait_main_gets_its_exit() {
 }
 
 #[test]
+fn the_host_configures_an_unconfigured_agent_once() {
+    use kiln_agent_proto::{GuestConfig, MainConfig};
+    let agent = Agent::start();
+    let c = agent.client();
+    assert!(!c.welcome().configured && !c.welcome().has_main);
+    let e = c.wait_main().unwrap_err().to_string();
+    assert!(e.contains("not configured"), "{e}");
+    let main = |argv: &[&str], wait_for_attach| {
+        Some(MainConfig {
+            exec: ExecRequest { argv: argv.iter().map(|s| s.to_string()).collect(), ..Default::default() },
+            wait_for_attach,
+        })
+    };
+    // A bad configuration is refused and leaves the agent unconfigured.
+    let bad = GuestConfig { main: main(&[], false), ..Default::default() };
+    assert!(c.configure(bad).unwrap_err().to_string().contains("argv is empty"));
+    let config = GuestConfig {
+        main: main(&["sh", "-c", "echo configured-main; exit 6"], true),
+        exit_linger_ms: 5000,
+        // Machine settings apply only as PID 1: in test mode they must leave this host alone.
+        hostname: Some("must-not-change-the-host".into()),
+        authorized_keys: Some("ssh-ed25519 AAAA test".into()),
+        nameservers: vec!["192.0.2.1".into()],
+        time: Some(kiln_agent_proto::Timestamp { secs: 0, nanos: 0 }),
+        ..Default::default()
+    };
+    c.configure(config.clone()).unwrap();
+    let e = c.configure(config).unwrap_err().to_string();
+    assert!(e.contains("already configured"), "{e}");
+    let other = agent.client();
+    assert!(other.welcome().configured && other.welcome().has_main);
+    let out = other.attach_main().unwrap().output().unwrap();
+    assert_eq!((out.stdout, out.status), (b"configured-main\n".to_vec(), ExitStatus::Code(6)));
+    assert_eq!(c.wait_main().unwrap(), ExitStatus::Code(6));
+    assert_ne!(
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim(),
+        "must-not-change-the-host"
+    );
+    assert!(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() > 1_000_000
+    );
+}
+
+#[test]
+fn a_configured_detached_main_starts_at_once() {
+    let agent = Agent::start();
+    let c = agent.client();
+    let config = kiln_agent_proto::GuestConfig {
+        main: Some(kiln_agent_proto::MainConfig {
+            exec: exec(&["sh", "-c", "exit 5"]),
+            wait_for_attach: false,
+        }),
+        ..Default::default()
+    };
+    c.configure(config).unwrap();
+    assert_eq!(c.wait_main().unwrap(), ExitStatus::Code(5));
+}
+
+#[test]
 fn shutdown_stops_processes_and_the_agent() {
     let agent = Agent::start();
     let c = agent.client();

@@ -526,7 +526,7 @@ fn run_vm(m: &Manager, args: RunArgs) -> anyhow::Result<i32> {
     let attach = AttachOptions { tty, stdin: args.interactive };
     let started = m.start(&name, Some(attach)).inspect_err(|_| cleanup(m, &name, args.create.rm))?;
     notice(started.notice.as_deref());
-    let attached = m.attach_main(&name);
+    let attached = started.attached.ok_or_else(|| kiln_manager::ManagerError::NoAgentChannel(name.clone()));
     let status = match attached {
         Ok((client, process)) => {
             let status = term::attach(process, args.interactive, args.tty);

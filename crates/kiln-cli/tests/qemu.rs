@@ -208,6 +208,20 @@ fn pull_run_exec_stop_start_rm_and_bad_input() {
     let err = kiln.fails(&["exec", "keep", "true"]);
     assert!(err.contains("no VM named"), "{err}");
 
+    // A guest that cannot boot (its disk wiped after create): `start` says so as soon as the VMM
+    // ends, not after the agent's 120 s boot timeout, and the VM reads as exited.
+    kiln.ok(&["create", "--name", "broken", "--hypervisor", "qemu", &image, "true"]);
+    let disk = kiln.vm_dirs()[0].join("disk.ext4");
+    let f = std::fs::OpenOptions::new().write(true).truncate(true).open(&disk).unwrap();
+    f.set_len(1 << 20).unwrap();
+    let started = std::time::Instant::now();
+    let err = kiln.fails(&["start", "broken"]);
+    assert!(err.contains("ended while booting") && err.contains("kiln logs broken"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "took {:?}", started.elapsed());
+    assert_eq!(kiln.ps(true)[0]["status"], "exited");
+    assert!(kiln.ok(&["logs", "broken"]).contains("Kernel panic"));
+    kiln.ok(&["rm", "broken"]);
+
     // Unknown image, registry down: clear errors, nothing made.
     let err = kiln.fails(&["run", "--rm", "--hypervisor", "qemu", "no/such:image", "true"]);
     assert!(err.contains("no image named"), "{err}");

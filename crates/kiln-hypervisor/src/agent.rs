@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 const MAX_HANDSHAKE_REPLY: usize = 32;
 
 /// Pause between attempts while the guest agent is not listening yet.
-const RETRY_INTERVAL: Duration = Duration::from_millis(50);
+const RETRY_INTERVAL: Duration = Duration::from_millis(20);
 
 /// The agent channel of a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

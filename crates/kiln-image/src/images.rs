@@ -16,7 +16,7 @@ use crate::oci::{Descriptor, ImageConfig, RunConfig, MAX_CONFIG_BYTES};
 use crate::progress::{Progress, ProgressEvent};
 use crate::reference::Reference;
 use crate::registry::RegistryOptions;
-use crate::rootfs::{build_ext4, RootfsOptions};
+use crate::rootfs::{add_files, build_ext4, RootfsOptions};
 use crate::store::{lock_file, unique_name, ImageRecord, PruneReport, Store, StoreIndex};
 use crate::unpack::root::{archive_path_components, RootDir};
 use crate::unpack::{remove_staging, unpack_layers, LayerSource};
@@ -222,7 +222,8 @@ impl ImageStore {
             return Ok(hit);
         }
         self.in_scratch("rootfs", |work, staging| {
-            let report = self.unpack_image(&record, staging, &options.unpack, progress)?;
+            let mut report = self.unpack_image(&record, staging, &options.unpack, progress)?;
+            add_files(staging, &options.added_files, options.unpack.privileged, &mut report.fixups)?;
             progress.event(ProgressEvent::BuildingFilesystem { bytes: report.bytes });
             let image = work.join("rootfs.ext4");
             let size = build_ext4(staging, &image, &report.fixups, options)?;

@@ -38,6 +38,6 @@ pub use progress::{BlobKind, NoProgress, Progress, ProgressEvent};
 pub use reference::Reference;
 pub use registry::auth::{Anonymous, CredentialSource, Credentials, DockerConfig, StaticCredentials};
 pub use registry::RegistryOptions;
-pub use rootfs::RootfsOptions;
+pub use rootfs::{AddedFile, RootfsOptions};
 pub use store::PruneReport;
 pub use unpack::UnpackOptions;

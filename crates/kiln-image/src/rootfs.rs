@@ -7,10 +7,11 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::error::{io_err, ImageError, Result};
+use crate::unpack::root::{archive_path_components, RootDir};
 use crate::unpack::{Fixup, NodeKind, UnpackOptions};
 
 const BLOCK: u64 = 4096;
@@ -25,24 +26,113 @@ pub struct RootfsOptions {
     /// Extra free space as a percentage of the content.
     pub headroom_percent: u64,
     pub unpack: UnpackOptions,
+    /// Host files added on top of the image's layers (Kiln's guest agent), owned by root.
+    pub added_files: Vec<AddedFile>,
+}
+
+/// A host file put into every root filesystem built with these options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AddedFile {
+    /// Absolute path in the guest, e.g. `/sbin/kiln-agent`. Symlinks on the way are followed inside
+    /// the root (an image's merged-/usr `/sbin -> usr/sbin` puts it in `/usr/sbin`); what is at the
+    /// path is replaced.
+    pub guest_path: String,
+    /// The file on the host.
+    pub source: PathBuf,
+    /// Permission bits.
+    pub mode: u32,
 }
 
 impl Default for RootfsOptions {
     fn default() -> Self {
-        RootfsOptions { headroom_bytes: 64 * MIB, headroom_percent: 10, unpack: UnpackOptions::default() }
+        RootfsOptions {
+            headroom_bytes: 64 * MIB,
+            headroom_percent: 10,
+            unpack: UnpackOptions::default(),
+            added_files: Vec::new(),
+        }
     }
 }
 
 impl RootfsOptions {
-    /// The part of a cache file name that tells builds with different options apart.
+    /// The part of a cache file name that tells builds with different options apart. Added files
+    /// count by path, mode and the source's identity and modification time (not a hash of the
+    /// content: hashing the agent on every `kiln run` would cost more than the cache saves).
     pub fn cache_variant(&self) -> String {
-        format!(
+        use sha2::Digest as _;
+        use std::os::unix::fs::MetadataExt as _;
+        let mut variant = format!(
             "h{}m-p{}-{}",
             self.headroom_bytes / MIB,
             self.headroom_percent,
             if self.unpack.privileged { "root" } else { "user" }
-        )
+        );
+        if !self.added_files.is_empty() {
+            let mut hasher = sha2::Sha256::new();
+            for f in &self.added_files {
+                let stamp = fs::metadata(&f.source)
+                    .map(|m| format!("{}:{}:{}:{}.{}", m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+                    .unwrap_or_else(|e| format!("unreadable: {e}"));
+                hasher.update(format!("{}\0{:o}\0{}\0{stamp}\n", f.guest_path, f.mode, f.source.display()));
+            }
+            let hash: String = hasher.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect();
+            variant.push_str("-f");
+            variant.push_str(&hash);
+        }
+        variant
     }
+}
+
+/// Puts `files` into the unpacked root `staging`. Unprivileged builds get owner fixups (root) for
+/// the image; privileged ones create the files as root already.
+pub fn add_files(
+    staging: &Path,
+    files: &[AddedFile],
+    privileged: bool,
+    fixups: &mut Vec<Fixup>,
+) -> Result<()> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    use std::os::fd::OwnedFd;
+    let root = RootDir::open(staging).map_err(io_err("opening staging directory", staging))?;
+    for file in files {
+        let unsafe_path = |reason: String| ImageError::Unsupported {
+            what: "added file",
+            detail: format!("{}: {reason}", file.guest_path),
+        };
+        let relative = file.guest_path.strip_prefix('/').ok_or_else(|| unsafe_path("not absolute".into()))?;
+        let components =
+            archive_path_components(relative.as_bytes()).map_err(|reason| unsafe_path(reason.to_string()))?;
+        if components.is_empty() {
+            return Err(unsafe_path("not a file path".into()));
+        }
+        let (dir, name) = root.resolve_parent(&components, true).map_err(|e| unsafe_path(e.to_string()))?;
+        match rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                return Err(unsafe_path("the image has a directory there".into()))
+            }
+            Ok(_) => rustix::fs::unlinkat(&dir, &name, AtFlags::empty())
+                .map_err(|e| unsafe_path(format!("removing what the image has there: {e}")))?,
+            Err(_) => {}
+        }
+        let fd: OwnedFd = rustix::fs::openat(
+            &dir,
+            &name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(file.mode & 0o7777),
+        )
+        .map_err(|e| unsafe_path(format!("creating it: {e}")))?;
+        let mut dest = File::from(fd);
+        let mut source = File::open(&file.source).map_err(io_err("reading", &file.source))?;
+        std::io::copy(&mut source, &mut dest).map_err(io_err("copying", &file.source))?;
+        // The umask may have taken bits off.
+        rustix::fs::fchmod(&dest, Mode::from_raw_mode(file.mode & 0o7777))
+            .map_err(|e| unsafe_path(format!("setting its mode: {e}")))?;
+        if !privileged {
+            let path = file.guest_path.trim_start_matches('/').as_bytes().to_vec();
+            fixups.push(Fixup::Owner { path, uid: 0, gid: 0 });
+        }
+    }
+    Ok(())
 }
 
 /// What the content of a directory tree needs on ext4 (4 KiB blocks).
@@ -263,6 +353,64 @@ fn debugfs_quote(path: &[u8], prefix: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn added_files_follow_links_inside_the_root_and_replace_what_is_there() {
+        use std::os::unix::fs::{symlink, PermissionsExt as _};
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join("root");
+        fs::create_dir_all(staging.join("usr/sbin")).unwrap();
+        fs::create_dir_all(staging.join("bin")).unwrap();
+        // Merged /usr, absolute form: must resolve inside the root, not to the host's /usr/sbin.
+        symlink("/usr/sbin", staging.join("sbin")).unwrap();
+        // A link at the destination itself is replaced, never written through.
+        let outside = dir.path().join("outside");
+        fs::write(&outside, "host file").unwrap();
+        symlink(&outside, staging.join("usr/sbin/kiln-agent")).unwrap();
+        fs::write(staging.join("bin/tool"), "old").unwrap();
+        let source = dir.path().join("agent");
+        fs::write(&source, "agent bytes").unwrap();
+        let files = vec![
+            AddedFile { guest_path: "/sbin/kiln-agent".into(), source: source.clone(), mode: 0o755 },
+            AddedFile { guest_path: "/bin/tool".into(), source: source.clone(), mode: 0o700 },
+            AddedFile { guest_path: "/new/dir/file".into(), source: source.clone(), mode: 0o644 },
+        ];
+        let mut fixups = Vec::new();
+        add_files(&staging, &files, false, &mut fixups).unwrap();
+        let agent = staging.join("usr/sbin/kiln-agent");
+        assert!(!fs::symlink_metadata(&agent).unwrap().file_type().is_symlink());
+        assert_eq!(fs::read_to_string(&agent).unwrap(), "agent bytes");
+        assert_eq!(fs::metadata(&agent).unwrap().permissions().mode() & 0o7777, 0o755);
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "host file");
+        assert_eq!(fs::read_to_string(staging.join("bin/tool")).unwrap(), "agent bytes");
+        assert_eq!(fs::read_to_string(staging.join("new/dir/file")).unwrap(), "agent bytes");
+        assert_eq!(fixups.len(), 3, "unprivileged builds make the files root's in the image");
+        // Escapes and directories are refused.
+        for bad in ["/../x", "/usr"] {
+            let f = AddedFile { guest_path: bad.into(), source: source.clone(), mode: 0o644 };
+            assert!(add_files(&staging, &[f], true, &mut Vec::new()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_cache_variant_changes_with_the_added_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("agent");
+        fs::write(&source, "v1").unwrap();
+        let plain = RootfsOptions::default();
+        let with = |mode| RootfsOptions {
+            added_files: vec![AddedFile { guest_path: "/sbin/a".into(), source: source.clone(), mode }],
+            ..Default::default()
+        };
+        assert_ne!(plain.cache_variant(), with(0o755).cache_variant());
+        assert_eq!(with(0o755).cache_variant(), with(0o755).cache_variant());
+        assert_ne!(with(0o755).cache_variant(), with(0o700).cache_variant());
+        let before = with(0o755).cache_variant();
+        // A rebuilt agent (new file, same path) is a new variant.
+        fs::remove_file(&source).unwrap();
+        fs::write(&source, "v2 longer").unwrap();
+        assert_ne!(with(0o755).cache_variant(), before);
+    }
 
     #[test]
     fn plan_leaves_the_headroom_asked_for() {

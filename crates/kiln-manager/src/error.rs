@@ -56,6 +56,11 @@ pub enum ManagerError {
         #[source]
         source: kiln_agent_proto::ClientError,
     },
+    #[error(
+        "VM {name} ended while booting ({status}) before its agent answered; its console log \
+         (`kiln logs {name}`) says why"
+    )]
+    GuestEnded { name: String, status: String },
     #[error("VM {0} has no agent channel (it was created without one)")]
     NoAgentChannel(String),
     #[error("{tool} failed on {path}: {detail}")]

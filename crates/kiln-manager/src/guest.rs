@@ -1,40 +1,84 @@
-//! What goes into a VM's root filesystem and onto its kernel command line: the static agent at
-//! `/sbin/kiln-agent`, its configuration at `/etc/kiln/agent.json`, and the VM's ssh public key in
-//! `/root/.ssh/authorized_keys`. Files are written into the ext4 image with `debugfs -w` (no
-//! mounting, no root needed); the guest cannot reach anything on the host through them.
+//! What a VM's guest gets from the host: the static agent at `/sbin/kiln-agent` (added to the
+//! image's cached root filesystem once per image and agent build, see [`agent_rootfs_options`]),
+//! its kernel command line, and — over the agent channel once the guest is up — its configuration
+//! for the boot ([`guest_config`]: main process, hostname, clock, ssh key, name servers). Nothing
+//! is written into a VM's own disk by the host.
 
 use std::fmt::Write as _;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
+use kiln_agent_proto::{GuestConfig, MainConfig, PoweroffMethod, Timestamp, WindowSize};
 use kiln_hypervisor::BackendKind;
 use kiln_image::store::write_atomic;
-use serde_json::json;
+use kiln_image::{AddedFile, RootfsOptions};
 
 use crate::error::{io_err, ManagerError, Result};
 use crate::record::{MainProcess, VmEntry};
 
 /// Where the agent lives in the guest.
 pub const AGENT_GUEST_PATH: &str = "/sbin/kiln-agent";
-/// Where its configuration lives in the guest.
-pub const AGENT_CONFIG_GUEST_PATH: &str = "/etc/kiln/agent.json";
 /// `KILN_AGENT_BIN`: the static agent binary to inject.
 pub const AGENT_BIN_ENV: &str = "KILN_AGENT_BIN";
+/// How long the agent waits for a connected host to collect the main process's exit before it
+/// powers the guest off by itself.
+const EXIT_LINGER_MS: u64 = 3000;
 
-/// The agent's configuration for one boot.
-pub fn agent_config(entry: &VmEntry, wait_for_attach: bool, tty: Option<(u16, u16)>, stdin: bool) -> Vec<u8> {
+/// Root filesystem options that add `agent` at [`AGENT_GUEST_PATH`]: every VM of an image shares
+/// one cached root filesystem with the agent in it (per agent build), so creating a VM copies a
+/// disk and writes nothing into it.
+pub fn agent_rootfs_options(agent: &Path) -> RootfsOptions {
+    RootfsOptions {
+        added_files: vec![AddedFile {
+            guest_path: AGENT_GUEST_PATH.to_string(),
+            source: agent.to_path_buf(),
+            mode: 0o755,
+        }],
+        ..RootfsOptions::default()
+    }
+}
+
+/// What the host tells the agent when a VM boots.
+#[derive(Debug, Clone, Default)]
+pub struct BootSettings {
+    /// The main process waits for the host to attach (`kiln run` in the foreground).
+    pub wait_for_attach: bool,
+    /// Its terminal size, when it gets a tty.
+    pub tty: Option<(u16, u16)>,
+    /// The host sends stdin.
+    pub stdin: bool,
+    /// The VM's ssh public key (`authorized_keys` line).
+    pub ssh_public_key: Option<String>,
+    /// Name servers from the VM's network.
+    pub nameservers: Vec<std::net::Ipv4Addr>,
+}
+
+/// The agent's configuration for one boot of `entry`.
+pub fn guest_config(entry: &VmEntry, boot: &BootSettings) -> GuestConfig {
     let MainProcess { argv, env, cwd, user } = &entry.main;
-    let tty = tty.map(|(rows, cols)| json!({"rows": rows, "cols": cols}));
-    let config = json!({
-        "hostname": entry.name,
-        "main": {"argv": argv, "env": env, "cwd": cwd, "user": user,
-                 "wait_for_attach": wait_for_attach, "tty": tty, "stdin": stdin && wait_for_attach},
-        "poweroff": "reboot",
-        "exit_linger_ms": 3000,
-    });
-    serde_json::to_vec_pretty(&config).unwrap_or_default()
+    let exec = kiln_agent_proto::ExecRequest {
+        argv: argv.clone(),
+        env: env.clone(),
+        cwd: cwd.clone(),
+        user: user.clone(),
+        tty: boot.tty.map(|(rows, cols)| WindowSize { rows, cols }),
+        stdin: boot.stdin && boot.wait_for_attach,
+    };
+    GuestConfig {
+        hostname: Some(entry.name.clone()),
+        main: Some(MainConfig { exec, wait_for_attach: boot.wait_for_attach }),
+        poweroff: PoweroffMethod::Reboot,
+        exit_linger_ms: EXIT_LINGER_MS,
+        time: Some(Timestamp::of(std::time::SystemTime::now())),
+        authorized_keys: boot.ssh_public_key.clone(),
+        nameservers: boot.nameservers.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// The VM's ssh public key (`private.pub`), if it has one.
+pub fn ssh_public_key(private: &Path) -> Option<String> {
+    fs::read_to_string(private.with_extension("pub")).ok()
 }
 
 /// The kernel command line of a VM (backends add the root device and virtio-mmio devices).
@@ -91,119 +135,6 @@ fn agent_missing(detail: &str) -> ManagerError {
     }
 }
 
-/// Runs a `debugfs -w` script against `image`; fails on any error line it prints. `tolerated`
-/// are error substrings that are expected (e.g. "File exists" for `mkdir`).
-fn debugfs(image: &Path, script: &str, tolerated: &[&str]) -> Result<()> {
-    let script_path = image.with_extension("debugfs");
-    fs::write(&script_path, script).map_err(io_err("writing", &script_path))?;
-    let output = Command::new("debugfs")
-        .arg("-w")
-        .arg("-f")
-        .arg(&script_path)
-        .arg(image)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| ManagerError::ToolMissing { tool: "debugfs", package: "e2fsprogs", source });
-    let _ = fs::remove_file(&script_path);
-    let output = output?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let errors: Vec<&str> = stderr
-        .lines()
-        .filter(|l| !l.starts_with("debugfs ") && !l.trim().is_empty())
-        .filter(|l| !tolerated.iter().any(|t| l.contains(t)))
-        .collect();
-    if !output.status.success() || !errors.is_empty() {
-        return Err(ManagerError::Tool {
-            tool: "debugfs",
-            path: image.to_path_buf(),
-            detail: errors.join("; "),
-        });
-    }
-    Ok(())
-}
-
-/// Paths that may only contain characters debugfs reads as one word.
-fn plain(path: &Path) -> Result<String> {
-    let s = path.to_string_lossy();
-    if s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+".contains(c)) {
-        Ok(s.into_owned())
-    } else {
-        Err(ManagerError::InvalidInput {
-            what: "path",
-            detail: format!("{s:?} must be plain ASCII without spaces or quotes for debugfs"),
-        })
-    }
-}
-
-/// The directory the agent is written to: `/sbin`, or where the image's `/sbin` symlink points
-/// (merged-/usr images such as Debian 12: `/sbin -> usr/sbin`), since debugfs follows no
-/// symlinks. The kernel's `init=/sbin/kiln-agent` resolves the link at boot.
-fn agent_dir(disk: &Path) -> Result<String> {
-    let output =
-        Command::new("debugfs")
-            .args(["-R", "stat /sbin"])
-            .arg(disk)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|source| ManagerError::ToolMissing { tool: "debugfs", package: "e2fsprogs", source })?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let target = stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Fast link dest: "))
-        .map(|t| t.trim_matches('"').trim_start_matches('/').trim_end_matches('/'));
-    Ok(match target {
-        // Only a plain link into the root (`usr/sbin`, `/usr/sbin`); anything else is written
-        // over as before.
-        Some(t) if !t.is_empty() && t.split('/').all(|c| !c.is_empty() && c != ".." && c != ".") => {
-            format!("/{t}")
-        }
-        _ => "/sbin".to_string(),
-    })
-}
-
-/// Puts the agent binary and the ssh public key into a VM's disk (once, at creation).
-pub fn inject_agent_and_key(disk: &Path, agent: &Path, ssh_pub: &Path) -> Result<()> {
-    let agent = plain(agent)?;
-    let key = plain(ssh_pub)?;
-    let dir = agent_dir(disk)?;
-    let dest = format!("{dir}/kiln-agent");
-    let script = format!(
-        "mkdir {dir}\nmkdir /etc\nmkdir /etc/kiln\nmkdir /root\nmkdir /root/.ssh\n\
-         rm {dest}\nwrite {agent} {dest}\n\
-         sif {dest} mode 0100755\nsif {dest} uid 0\nsif {dest} gid 0\n\
-         sif /root/.ssh mode 040700\n\
-         rm /root/.ssh/authorized_keys\nwrite {key} /root/.ssh/authorized_keys\n\
-         sif /root/.ssh/authorized_keys mode 0100600\nsif /root/.ssh/authorized_keys uid 0\n\
-         sif /root/.ssh/authorized_keys gid 0\n"
-    );
-    debugfs(disk, &script, &["directory already exists", "File not found by ext2_lookup"])
-}
-
-/// Writes the agent configuration for the next boot into a VM's disk.
-pub fn write_agent_config(disk: &Path, config_file: &Path) -> Result<()> {
-    let config = plain(config_file)?;
-    let script = format!(
-        "rm {AGENT_CONFIG_GUEST_PATH}\nwrite {config} {AGENT_CONFIG_GUEST_PATH}\n\
-         sif {AGENT_CONFIG_GUEST_PATH} mode 0100644\n"
-    );
-    debugfs(disk, &script, &["File not found by ext2_lookup"])
-}
-
-/// Writes the guest's `/etc/resolv.conf` (replacing the image's file or link, as Docker does) with
-/// the name servers its network hands out.
-pub fn write_resolv_conf(disk: &Path, servers: &[std::net::Ipv4Addr]) -> Result<()> {
-    let tmp = disk.with_extension("resolv.conf");
-    let text: String = servers.iter().map(|s| format!("nameserver {s}\n")).collect();
-    fs::write(&tmp, text).map_err(io_err("writing", &tmp))?;
-    let source = plain(&tmp)?;
-    let script = format!(
-        "mkdir /etc\nrm /etc/resolv.conf\nwrite {source} /etc/resolv.conf\nsif /etc/resolv.conf mode 0100644\n"
-    );
-    let result = debugfs(disk, &script, &["directory already exists", "File not found by ext2_lookup"]);
-    let _ = fs::remove_file(&tmp);
-    result
-}
-
 /// Writes a new ed25519 key pair in OpenSSH's formats: `private` (mode 0600) and `private.pub`.
 /// Generated in-process (a `ssh-keygen` run per VM cost ~120 ms in the lab); each file is replaced
 /// atomically, in a directory only the owner may enter, so the private key is never readable by
@@ -251,6 +182,7 @@ pub fn main_exit_from_console(console: &Path, offset: u64) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
     #[test]
     fn generated_ssh_keys_are_openssh_keys_ssh_accepts() {
@@ -288,34 +220,34 @@ mod tests {
     }
 
     #[test]
-    fn the_agent_goes_through_a_merged_usr_sbin_link() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("root");
-        fs::create_dir_all(root.join("usr/sbin")).unwrap();
-        std::os::unix::fs::symlink("usr/sbin", root.join("sbin")).unwrap();
-        let disk = dir.path().join("disk.ext4");
-        let mkfs =
-            Command::new("mkfs.ext4").args(["-q", "-d"]).arg(&root).arg(&disk).arg("8M").output().unwrap();
-        assert!(mkfs.status.success(), "{}", String::from_utf8_lossy(&mkfs.stderr));
-        let agent = dir.path().join("agent");
-        let key = dir.path().join("key.pub");
-        fs::write(&agent, b"\x7fELF agent").unwrap();
-        fs::write(&key, b"ssh-ed25519 AAAA test").unwrap();
-        inject_agent_and_key(&disk, &agent, &key).unwrap();
-        let cat = |path: &str| {
-            let out =
-                Command::new("debugfs").args(["-R", &format!("cat {path}")]).arg(&disk).output().unwrap();
-            String::from_utf8_lossy(&out.stdout).into_owned()
+    fn the_boot_configuration_carries_the_main_process_key_and_name_servers() {
+        let entry: VmEntry = serde_json::from_value(serde_json::json!({
+            "format": 1, "id": "0a", "name": "web", "image": "busybox:1", "image_id": "sha256:00",
+            "kernel": "k", "backend": "kiln-vmm", "vcpus": 1, "memory_mib": 128,
+            "main": {"argv": ["sh", "-c", "true"], "env": ["A=1"], "cwd": "/srv", "user": "1:1"},
+            "auto_remove": false, "status": "created", "created_at": 0, "console_offset": 0
+        }))
+        .unwrap();
+        let boot = BootSettings {
+            wait_for_attach: true,
+            tty: Some((24, 80)),
+            stdin: true,
+            ssh_public_key: Some("ssh-ed25519 AAAA kiln-web\n".into()),
+            nameservers: vec![std::net::Ipv4Addr::new(10, 77, 0, 1)],
         };
-        assert_eq!(cat("/usr/sbin/kiln-agent"), "\x7fELF agent");
-        assert_eq!(cat("/root/.ssh/authorized_keys"), "ssh-ed25519 AAAA test");
-        let sbin = Command::new("debugfs").args(["-R", "stat /sbin"]).arg(&disk).output().unwrap();
-        assert!(String::from_utf8_lossy(&sbin.stdout).contains("Type: symlink"), "the link must stay a link");
-    }
-
-    #[test]
-    fn paths_debugfs_would_split_are_refused() {
-        assert!(plain(Path::new("/tmp/a b")).is_err());
-        assert!(plain(Path::new("/var/lib/kiln/vms/0a/agent.json")).is_ok());
+        let c = guest_config(&entry, &boot);
+        let main = c.main.unwrap();
+        assert_eq!(main.exec.argv, ["sh", "-c", "true"]);
+        assert_eq!((main.exec.cwd.as_deref(), main.exec.user.as_deref()), (Some("/srv"), Some("1:1")));
+        assert!(main.wait_for_attach && main.exec.stdin);
+        assert_eq!(main.exec.tty, Some(WindowSize { rows: 24, cols: 80 }));
+        assert_eq!(c.hostname.as_deref(), Some("web"));
+        assert_eq!(c.authorized_keys.as_deref(), Some("ssh-ed25519 AAAA kiln-web\n"));
+        assert_eq!(c.nameservers, ["10.77.0.1"]);
+        assert!(c.time.is_some_and(|t| t.secs > 1_700_000_000));
+        // Detached: no stdin even if asked, the main process starts at once.
+        let detached = guest_config(&entry, &BootSettings { stdin: true, ..Default::default() });
+        let main = detached.main.unwrap();
+        assert!(!main.wait_for_attach && !main.exec.stdin);
     }
 }

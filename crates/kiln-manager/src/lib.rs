@@ -3,8 +3,9 @@
 //! Owns: the store of VM records under the state root ([`store`]: one JSON record per VM replaced
 //! atomically, a store-wide `flock`, crash repair on open), the lifecycle state machine
 //! ([`VmStatus`]: created → running ⇄ paused → exited → running ...), making a VM from an image
-//! (per-VM disk copy from `kiln-image`, the static agent, its `/etc/kiln/agent.json` from the
-//! image config and overrides, an ssh key pair), kernels ([`kernels`]), agent sessions (exec,
+//! (per-VM disk copy of the image's cached root filesystem, which `kiln-image` built with the static
+//! agent in it; an ssh key pair; at each boot the agent's configuration from the image config and
+//! overrides, sent over the agent channel), kernels ([`kernels`]), agent sessions (exec,
 //! attach, copies, graceful shutdown) and reconciling records with live VMM processes, so a VMM
 //! that died reads as exited with its code, never as running.
 //!

@@ -12,10 +12,10 @@ use kiln_agent_proto::{Client, ExitStatus, Process, ShutdownAction};
 use kiln_hypervisor::{
     open_backend, AgentSpec, BackendKind, DiskSpec, NetSpec, ProcessId, Vm, VmExit, VmRecord, VmSpec,
 };
-use kiln_image::{Progress, PruneReport, RootfsOptions};
+use kiln_image::{Progress, PruneReport};
 
 use crate::error::{io_err, ManagerError, Result};
-use crate::guest;
+use crate::guest::{self, BootSettings};
 use crate::record::{ExitInfo, MainProcess, NetworkAttachment, VmEntry, VmStatus, ENTRY_FORMAT};
 use crate::{now_secs, Manager, AGENT_BOOT_TIMEOUT};
 
@@ -67,11 +67,31 @@ impl Default for CreateOptions {
 }
 
 /// A started VM, and the backend's notice (e.g. "QEMU runs the guest under TCG ...").
-#[derive(Debug)]
 pub struct Started {
     pub entry: VmEntry,
     pub notice: Option<String>,
+    /// With `attach`: the agent connection and the main process attached over it.
+    pub attached: Option<(Client, Process)>,
 }
+
+/// A VM whose VMM was just started, before its guest is configured.
+struct Booted {
+    entry: VmEntry,
+    vm: Box<dyn Vm>,
+    /// The backend's notice.
+    notice: Option<String>,
+    /// The network's name servers for the guest.
+    nameservers: Vec<std::net::Ipv4Addr>,
+}
+
+/// How long setting the clock of a resumed guest may wait for its agent.
+const RESUME_CLOCK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a VMM whose agent connection broke may take to end before it counts as alive.
+const VMM_END_GRACE: Duration = Duration::from_secs(2);
+
+/// How long one attempt to reach a booting guest's agent may take before the VMM is checked.
+const AGENT_CONNECT_SLICE: Duration = Duration::from_secs(1);
 
 /// How the foreground process of `kiln run` is attached.
 #[derive(Debug, Clone, Copy, Default)]
@@ -128,8 +148,8 @@ impl Manager {
         Ok((backend, caps.notice))
     }
 
-    /// Makes a VM from an image: its disk (a copy of the image's root filesystem), the agent, an ssh
-    /// key pair. Nothing of it remains when this fails.
+    /// Makes a VM from an image: its disk (a copy of the image's root filesystem, which has the
+    /// agent) and an ssh key pair. Nothing of it remains when this fails.
     pub fn create(&self, opts: &CreateOptions, progress: &dyn Progress) -> Result<VmEntry> {
         if let Some(name) = &opts.name {
             if !kiln_hypervisor::spec::is_valid_name(name) {
@@ -220,30 +240,21 @@ impl Manager {
             self.vms.save(&entry)?;
         }
         let made = (|| {
-            let (network, dns) = match (&opts.network, &opts.network_name) {
-                (Some(given), _) => (Some(given.clone()), Vec::new()),
-                (None, Some(net)) => {
-                    let attachment = self.attach_network(net, &id, &opts.publish)?;
-                    let dns = attachment.dns.clone();
-                    (Some(attachment.into()), dns)
-                }
-                (None, None) => (None, Vec::new()),
+            let network = match (&opts.network, &opts.network_name) {
+                (Some(given), _) => Some(given.clone()),
+                (None, Some(net)) => Some(self.attach_network(net, &id, &opts.publish)?.into()),
+                (None, None) => None,
             };
             self.images.vm_disk(
                 &opts.image,
                 &paths.disk,
                 opts.disk_size,
-                &RootfsOptions::default(),
+                &guest::agent_rootfs_options(&agent),
                 progress,
             )?;
             phase!("create: disk copied");
             guest::generate_ssh_key(&paths.ssh_key, &format!("kiln-{name}"))?;
             phase!("create: ssh key generated");
-            guest::inject_agent_and_key(&paths.disk, &agent, &paths.ssh_key.with_extension("pub"))?;
-            phase!("create: agent and key injected");
-            if !dns.is_empty() {
-                guest::write_resolv_conf(&paths.disk, &dns)?;
-            }
             Ok(network)
         })();
         let _lock = self.vms.lock()?;
@@ -316,9 +327,40 @@ impl Manager {
         Ok(kiln_hypervisor::attach(record)?)
     }
 
-    /// Boots a created or exited VM. With `attach`, its main process waits for
-    /// [`Manager::attach_main`] (the foreground of `kiln run`).
+    /// Boots a created or exited VM and configures its guest through the agent (main process,
+    /// hostname, clock, ssh key, name servers), waiting for the guest to come up. With `attach`, the
+    /// main process's stdio is attached to the returned connection (the foreground of `kiln run`);
+    /// otherwise it starts at once. A guest whose agent never answers is killed.
     pub fn start(&self, name: &str, attach: Option<AttachOptions>) -> Result<Started> {
+        let Booted { entry, vm, notice, nameservers } = self.boot(name)?;
+        let boot = BootSettings {
+            wait_for_attach: attach.is_some(),
+            tty: attach.and_then(|a| a.tty),
+            stdin: attach.is_some_and(|a| a.stdin),
+            ssh_public_key: guest::ssh_public_key(&self.vms.paths(&entry.id).ssh_key),
+            nameservers,
+        };
+        match self.configure_guest(&entry, vm.as_ref(), &boot) {
+            Ok(attached) => {
+                phase!("start: guest configured");
+                Ok(Started { entry, notice, attached })
+            }
+            Err(e) => {
+                if let Err(kill) = vm.kill() {
+                    tracing::warn!(vm = %entry.name, error = %kill, "could not kill the VM after a failed start");
+                }
+                let _lock = self.vms.lock()?;
+                if let Ok(entry) = self.vms.find(name) {
+                    self.reconcile(entry, None)?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the VMM of a created or exited VM (under the store lock, which it releases before
+    /// the guest boots).
+    fn boot(&self, name: &str) -> Result<Booted> {
         let _lock = self.vms.lock()?;
         let entry = self.vms.find(name)?;
         let mut entry = self.reconcile(entry, None)?.ok_or_else(|| ManagerError::NoSuchVm(name.into()))?;
@@ -342,15 +384,6 @@ impl Manager {
         let (_, kernel) = self.kernels.resolve(Some(&entry.kernel))?;
         let (backend, notice) = self.backend(entry.backend)?;
         let paths = self.vms.paths(&entry.id);
-        let config = guest::agent_config(
-            &entry,
-            attach.is_some(),
-            attach.and_then(|a| a.tty),
-            attach.is_some_and(|a| a.stdin),
-        );
-        fs::write(&paths.agent_config, config).map_err(io_err("writing", &paths.agent_config))?;
-        guest::write_agent_config(&paths.disk, &paths.agent_config)?;
-        phase!("start: agent config written");
 
         let mut spec = VmSpec::new(&entry.name, kernel, &guest::kernel_cmdline(&entry), &paths.run);
         spec.console_log = paths.console.clone();
@@ -358,10 +391,11 @@ impl Manager {
         spec.memory_mib = entry.memory_mib;
         spec.root_disk = Some(DiskSpec { path: paths.disk.clone(), read_only: false });
         spec.agent = Some(AgentSpec::default());
+        let mut nameservers = Vec::new();
         if let Some(net) = &entry.network {
             if let Some(name) = &net.network {
                 // Idempotent; brings back the tap and rules should the host have lost them (reboot).
-                self.networks.attach(name, &entry.id, &net.ports)?;
+                nameservers = self.networks.attach(name, &entry.id, &net.ports)?.dns;
             }
             spec.network_interfaces.push(NetSpec { tap: net.tap.clone(), mac: net.mac.clone() });
         }
@@ -378,15 +412,81 @@ impl Manager {
         entry.finished_at = None;
         entry.exit = None;
         self.vms.save(&entry)?;
-        Ok(Started { entry, notice })
+        Ok(Booted { entry, vm, notice, nameservers })
+    }
+
+    /// Waits for the agent of a booting guest (giving up early when the VMM ends) and sends it
+    /// this boot's configuration; with `boot.wait_for_attach`, attaches to the main process in the
+    /// same round trip and returns the connection and the process.
+    fn configure_guest(
+        &self,
+        entry: &VmEntry,
+        vm: &dyn Vm,
+        boot: &BootSettings,
+    ) -> Result<Option<(Client, Process)>> {
+        let client = self.connect_agent(entry, vm, AGENT_BOOT_TIMEOUT)?;
+        let agent_err = |source| ManagerError::Agent { name: entry.name.clone(), source };
+        let config = guest::guest_config(entry, boot);
+        let process = match (client.welcome().configured, boot.wait_for_attach) {
+            // An agent configured from a file in the image (or by an earlier host) keeps it.
+            (true, true) => Some(client.attach_main().map_err(agent_err)?),
+            (true, false) => None,
+            (false, true) => Some(client.configure_and_attach(config).map_err(agent_err)?),
+            (false, false) => {
+                client.configure(config).map_err(agent_err)?;
+                None
+            }
+        };
+        Ok(process.map(|p| {
+            phase!("agent: main process attached");
+            (client, p)
+        }))
+    }
+
+    /// Connects to a VM's agent and does the handshake, retrying while the guest boots, until
+    /// `timeout` or until the VMM has ended (a guest that panicked does not keep `kiln` waiting).
+    fn connect_agent(&self, entry: &VmEntry, vm: &dyn Vm, timeout: Duration) -> Result<Client> {
+        let channel = vm.agent_channel().ok_or_else(|| ManagerError::NoAgentChannel(entry.name.clone()))?;
+        let deadline = std::time::Instant::now() + timeout;
+        let stream = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match channel.connect(left.min(AGENT_CONNECT_SLICE)) {
+                Ok(stream) => break stream,
+                Err(source) => {
+                    if let Some(status) = vm.record().process.exit_status() {
+                        return Err(ManagerError::GuestEnded {
+                            name: entry.name.clone(),
+                            status: status.to_string(),
+                        });
+                    }
+                    if left <= AGENT_CONNECT_SLICE {
+                        return Err(ManagerError::AgentConnect { name: entry.name.clone(), source });
+                    }
+                }
+            }
+        };
+        phase!("agent: connected");
+        let left = deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_secs(1));
+        let client = Client::from_stream(stream, left).map_err(|source| {
+            // A virtio-serial socket accepts before the guest is up: a guest that died while
+            // booting shows as a reset connection, and its VMM ends right after.
+            match vm.wait(Some(VMM_END_GRACE)) {
+                Ok(Some(status)) => {
+                    ManagerError::GuestEnded { name: entry.name.clone(), status: status.to_string() }
+                }
+                _ => ManagerError::Agent { name: entry.name.clone(), source },
+            }
+        })?;
+        phase!("agent: handshake done");
+        Ok(client)
     }
 
     /// A connection to a running VM's agent (waits for a booting guest).
     pub fn agent(&self, name: &str) -> Result<Client> {
-        self.agent_within(name, AGENT_BOOT_TIMEOUT)
+        self.agent_within(name, AGENT_BOOT_TIMEOUT, true)
     }
 
-    fn agent_within(&self, name: &str, timeout: Duration) -> Result<Client> {
+    fn agent_within(&self, name: &str, timeout: Duration, configure: bool) -> Result<Client> {
         let entry = self.inspect(name)?;
         if entry.status != VmStatus::Running {
             return Err(ManagerError::WrongState {
@@ -400,26 +500,28 @@ impl Manager {
             });
         }
         let vm = self.handle(&entry)?;
-        let channel = vm.agent_channel().ok_or_else(|| ManagerError::NoAgentChannel(entry.name.clone()))?;
-        let stream = channel
-            .connect(timeout)
-            .map_err(|source| ManagerError::AgentConnect { name: entry.name.clone(), source })?;
-        phase!("agent: connected");
-        let client = Client::from_stream(stream, timeout)
-            .map_err(|source| ManagerError::Agent { name: entry.name.clone(), source })?;
-        phase!("agent: handshake done");
-        // The guest has no RTC: give it the host's time (best effort; older agents may refuse).
-        let _ = client.set_time(std::time::SystemTime::now());
+        let client = self.connect_agent(&entry, vm.as_ref(), timeout)?;
+        if configure && !client.welcome().configured {
+            // The `kiln start` that booted it ended before configuring it: finish its job, with
+            // the main process detached.
+            let boot = BootSettings {
+                ssh_public_key: guest::ssh_public_key(&self.vms.paths(&entry.id).ssh_key),
+                nameservers: self.network_dns(&entry),
+                ..BootSettings::default()
+            };
+            client
+                .configure(guest::guest_config(&entry, &boot))
+                .map_err(|source| ManagerError::Agent { name: entry.name.clone(), source })?;
+        }
         Ok(client)
     }
 
-    /// Attaches to the main process of a VM started with `attach`.
-    pub fn attach_main(&self, name: &str) -> Result<(Client, Process)> {
-        let client = self.agent(name)?;
-        let process =
-            client.attach_main().map_err(|source| ManagerError::Agent { name: name.to_string(), source })?;
-        phase!("agent: main process attached");
-        Ok((client, process))
+    /// The name servers of a running VM's Kiln network (none for a tap the caller made), from
+    /// its attachment (idempotent: it exists while the VM runs).
+    fn network_dns(&self, entry: &VmEntry) -> Vec<std::net::Ipv4Addr> {
+        let Some(net) = entry.network.as_ref() else { return Vec::new() };
+        let Some(name) = net.network.as_deref() else { return Vec::new() };
+        self.networks.attach(name, &entry.id, &net.ports).map(|a| a.dns).unwrap_or_default()
     }
 
     /// After the foreground main process ended (and the caller dropped its agent connection): waits
@@ -460,7 +562,7 @@ impl Manager {
                 vm.resume()?;
             }
             let asked = self
-                .agent_within(name, Duration::from_secs(3))
+                .agent_within(name, Duration::from_secs(3), false)
                 .and_then(|c| {
                     c.shutdown(ShutdownAction::Poweroff, Some(timeout))
                         .map_err(|source| ManagerError::Agent { name: name.to_string(), source })
@@ -521,6 +623,18 @@ impl Manager {
         }
         entry.status = to;
         self.vms.save(&entry)?;
+        drop(_lock);
+        if !paused {
+            // The guest's clock stood still while it was paused: give it the time (best effort;
+            // the agent sets it at boot too).
+            let synced = self.connect_agent(&entry, vm.as_ref(), RESUME_CLOCK_TIMEOUT).and_then(|c| {
+                c.set_time(std::time::SystemTime::now())
+                    .map_err(|source| ManagerError::Agent { name: entry.name.clone(), source })
+            });
+            if let Err(e) = synced {
+                tracing::info!(vm = %entry.name, "the guest clock was not set after resume: {e}");
+            }
+        }
         Ok(entry)
     }
 

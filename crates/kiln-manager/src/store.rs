@@ -32,7 +32,6 @@ pub struct VmPaths {
     /// The hypervisor's state directory (sockets, `vm.json`, `vmm.exit`, `vmm.log`).
     pub run: PathBuf,
     pub ssh_key: PathBuf,
-    pub agent_config: PathBuf,
 }
 
 impl VmPaths {
@@ -43,7 +42,6 @@ impl VmPaths {
             console: dir.join("console.log"),
             run: dir.join("run"),
             ssh_key: dir.join("ssh").join("id_ed25519"),
-            agent_config: dir.join("agent.json"),
             dir,
         }
     }
