@@ -275,10 +275,14 @@ impl VmmProcess {
                 // It may have written the file just before going.
                 return Some(read_exit_file(&self.exit_file, self.vmm.pid).unwrap_or(VmExit::Unknown));
             }
-            if Instant::now() >= deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Some(VmExit::Unknown);
             }
-            std::thread::sleep(POLL_INTERVAL);
+            // The monitor exits right after writing the file: wake up when it does.
+            if self.monitor.wait_exited(Some(left.min(POLL_INTERVAL))).is_err() {
+                std::thread::sleep(POLL_INTERVAL);
+            }
         }
     }
 

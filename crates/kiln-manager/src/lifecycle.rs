@@ -245,16 +245,25 @@ impl Manager {
                 (None, Some(net)) => Some(self.attach_network(net, &id, &opts.publish)?.into()),
                 (None, None) => None,
             };
-            self.images.vm_disk(
-                &opts.image,
-                &paths.disk,
-                opts.disk_size,
-                &guest::agent_rootfs_options(&agent),
-                progress,
-            )?;
-            phase!("create: disk copied");
-            guest::generate_ssh_key(&paths.ssh_key, &format!("kiln-{name}"))?;
-            phase!("create: ssh key generated");
+            // The key pair is made while the disk is copied.
+            std::thread::scope(|scope| {
+                let key = scope.spawn(|| guest::generate_ssh_key(&paths.ssh_key, &format!("kiln-{name}")));
+                self.images.vm_disk(
+                    &opts.image,
+                    &paths.disk,
+                    opts.disk_size,
+                    &guest::agent_rootfs_options(&agent),
+                    progress,
+                )?;
+                phase!("create: disk copied");
+                key.join().map_err(|_| ManagerError::Tool {
+                    tool: "ssh key generation",
+                    path: paths.ssh_key.clone(),
+                    detail: "the key generating thread panicked".into(),
+                })??;
+                phase!("create: ssh key generated");
+                Ok::<_, ManagerError>(())
+            })?;
             Ok(network)
         })();
         let _lock = self.vms.lock()?;
