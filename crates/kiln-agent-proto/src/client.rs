@@ -713,6 +713,24 @@ impl Process {
         self.h.send(&Message::StdinEof)
     }
 
+    /// Copies `input` to the process's stdin on a thread of its own until `input` ends (then
+    /// closes the process's stdin) or the process stops reading.
+    pub fn forward_stdin(
+        process: &Arc<Process>,
+        mut input: impl Read + Send + 'static,
+    ) -> std::thread::JoinHandle<()> {
+        let p = process.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 32 << 10];
+            while let Ok(n) = input.read(&mut buf) {
+                if n == 0 || p.write_stdin(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = p.close_stdin();
+        })
+    }
+
     /// Resizes its terminal (tty execs only; the process gets SIGWINCH).
     pub fn resize(&self, size: WindowSize) -> Result<(), ClientError> {
         self.h.send(&Message::Resize(size))

@@ -119,17 +119,7 @@ pub fn run(args: ClientArgs) -> anyhow::Result<i32> {
             let req = ExecRequest { argv, env, cwd, user, tty, stdin: interactive };
             let p = Arc::new(client.exec(req)?);
             if interactive {
-                let p = p.clone();
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 32 << 10];
-                    let mut stdin = std::io::stdin().lock();
-                    while let Ok(n) = stdin.read(&mut buf) {
-                        if n == 0 || p.write_stdin(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = p.close_stdin();
-                });
+                kiln_agent_proto::Process::forward_stdin(&p, std::io::stdin());
             }
             let status = p.pump(&mut std::io::stdout(), &mut std::io::stderr())?;
             Ok(status.shell_code())

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::lab::{echo_live_output, sh_quote};
 use crate::probe::ProbeResult;
-use crate::stats::{percentile, summarize, Summary};
+use crate::stats::{median_difference_interval, percentile, summarize, Summary};
 
 /// The overhead target of issue 4: `kiln run --rm IMAGE true` over the bare VMM boot.
 pub const OVERHEAD_TARGET_MS: f64 = 100.0;
@@ -458,10 +458,22 @@ pub fn overhead_line(what: &str, kiln: &[f64], peer: &[f64], target_ms: Option<f
         (Some(k), Some(p)) => {
             let over = k.median - p.median;
             let p95 = percentile(kiln, 95.0).unwrap_or(f64::NAN) - percentile(peer, 95.0).unwrap_or(f64::NAN);
-            let verdict = match target_ms {
-                Some(t) if over <= t => format!("; target <= {t:.0} ms: MET"),
-                Some(t) => format!("; target <= {t:.0} ms: NOT MET"),
-                None => String::new(),
+            // The verdict follows the 90 % bootstrap interval of the median difference, so boot-time
+            // noise larger than the target cannot pass (or fail) it by luck.
+            let interval = median_difference_interval(kiln, peer, 0.9, 4000);
+            let verdict = match (target_ms, interval) {
+                (Some(t), Some((lo, hi))) if hi <= t => {
+                    format!("; 90% interval [{lo:.0}, {hi:.0}] ms; target <= {t:.0} ms: MET")
+                }
+                (Some(t), Some((lo, hi))) if lo > t => {
+                    format!("; 90% interval [{lo:.0}, {hi:.0}] ms; target <= {t:.0} ms: NOT MET")
+                }
+                (Some(t), Some((lo, hi))) => format!(
+                    "; 90% interval [{lo:.0}, {hi:.0}] ms; target <= {t:.0} ms: NOT SHOWN (the interval \
+                     contains the target: the runs' spread is larger than the difference)"
+                ),
+                (Some(t), None) => format!("; target <= {t:.0} ms: not judged"),
+                (None, _) => String::new(),
             };
             format!(
                 "{what}: median {:.0} ms vs {:.0} ms: overhead {over:.0} ms (p95 difference {p95:.0} ms), \

@@ -413,7 +413,12 @@ fn kiln_bench(a: &KilnArgs) -> Result<()> {
         let _ = writeln!(
             s,
             "\n- **{}.**\n- peer: `{peer}`",
-            kiln::overhead_line("kiln run (qemu) vs bare QEMU", &pair.kiln, &pair.peer, None)
+            kiln::overhead_line(
+                "kiln run (qemu) vs bare QEMU",
+                &pair.kiln,
+                &pair.peer,
+                Some(kiln::OVERHEAD_TARGET_MS)
+            )
         );
         s.push_str(&kiln::phase_table(&logs.iter().map(String::as_str).collect::<Vec<_>>()));
         eprintln!("{s}");

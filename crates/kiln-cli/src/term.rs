@@ -1,6 +1,6 @@
 //! The local terminal: raw mode for `-t`, its size, stdin forwarding and flushing output.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,17 +78,7 @@ pub fn attach(process: Process, stdin: bool, tty: bool) -> anyhow::Result<ExitSt
     let process = Arc::new(process);
     let _raw = if tty && stdin_is_tty() { RawMode::enter() } else { None };
     if stdin {
-        let p = process.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 32 << 10];
-            let mut input = std::io::stdin().lock();
-            while let Ok(n) = input.read(&mut buf) {
-                if n == 0 || p.write_stdin(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            let _ = p.close_stdin();
-        });
+        Process::forward_stdin(&process, std::io::stdin());
     }
     if tty {
         let p = Arc::downgrade(&process);
