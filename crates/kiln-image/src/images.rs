@@ -185,13 +185,24 @@ impl ImageStore {
     /// Removes images no name points at any more (`docker image prune`), then the blobs and caches
     /// no image references (see `Store::prune`).
     pub fn prune(&self) -> Result<PruneReport> {
+        self.prune_images_then_store(None)
+    }
+
+    /// [`ImageStore::prune`], and root filesystem caches built with options other than `keep`
+    /// (e.g. with an earlier build of an added file).
+    pub fn prune_keeping(&self, keep: &[RootfsOptions]) -> Result<PruneReport> {
+        let variants: Vec<String> = keep.iter().map(RootfsOptions::cache_variant).collect();
+        self.prune_images_then_store(Some(&variants))
+    }
+
+    fn prune_images_then_store(&self, rootfs_variants: Option<&[String]>) -> Result<PruneReport> {
         let dangling = self.store.update_index(|index| {
             let before = index.images.len();
             let named: std::collections::BTreeSet<Digest> = index.refs.values().cloned().collect();
             index.images.retain(|digest, _| named.contains(digest));
             Ok(before - index.images.len())
         })?;
-        Ok(PruneReport { images: dangling, ..self.store.prune()? })
+        Ok(PruneReport { images: dangling, ..self.store.prune_keeping(rootfs_variants)? })
     }
 
     /// The ext4 root filesystem of an image, built on first use and cached per image ID and options.

@@ -386,6 +386,13 @@ impl Store {
     /// Removes every blob no image references, leftovers in `tmp/`, and derived caches (rootfs
     /// images, kernels) of images no longer present. Waits for running pulls/builds to finish.
     pub fn prune(&self) -> Result<PruneReport> {
+        self.prune_keeping(None)
+    }
+
+    /// [`Store::prune`], and with `rootfs_variants` also the root filesystem caches of present
+    /// images whose variant (`RootfsOptions::cache_variant`) is not in the list: builds for an
+    /// earlier agent, say. VM disks are copies, so no VM needs a cache file.
+    pub fn prune_keeping(&self, rootfs_variants: Option<&[String]>) -> Result<PruneReport> {
         let _gc = lock_file(&self.dir.join("gc.lock"), true)?;
         let index = self.read_index()?;
         let live: BTreeSet<&str> = index.images.values().flat_map(|r| r.blobs()).map(|d| d.hex()).collect();
@@ -413,7 +420,16 @@ impl Store {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 // Cache entries are named `<image id hex>` or `<image id hex>-<variant>...`.
                 let id = name.split(['-', '.']).next().unwrap_or("");
-                if !live_ids.contains(id) {
+                let stale_variant = cache == "rootfs"
+                    && rootfs_variants.is_some_and(|keep| {
+                        let variant = name
+                            .strip_suffix(".ext4")
+                            .or_else(|| name.strip_suffix(".lock"))
+                            .and_then(|stem| stem.split_once('-'))
+                            .map(|(_, variant)| variant);
+                        variant.is_some_and(|v| !keep.iter().any(|k| k == v))
+                    });
+                if !live_ids.contains(id) || stale_variant {
                     report.bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
                     remove_any(&entry.path())?;
                     report.caches += 1;

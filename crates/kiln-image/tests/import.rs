@@ -199,3 +199,40 @@ fn prune_removes_images_left_without_a_name() {
     let old_layer = kiln_image::Digest::parse(&ids[0].layer_digests[0]).unwrap();
     assert!(!images.store().blob_path(&old_layer).exists());
 }
+
+/// Root filesystems built with an earlier build of an added file (Kiln's agent) are pruned when
+/// only the current options are kept; the current one and the image stay.
+#[test]
+fn prune_keeping_drops_root_filesystems_of_other_added_file_builds() {
+    let work = tempfile::tempdir().unwrap();
+    let images = ImageStore::open(&work.path().join("state")).unwrap();
+    let mut layout = OciLayout::create(&work.path().join("layout"));
+    let mut layer = TarBuilder::new();
+    layer.file("etc/hostname", 0o644, b"x\n");
+    layout.add_image(&[layer.finish()], true, json!({}), "latest");
+    images.import(&layout.dir, Some(&name("app:1")), &NoProgress).unwrap();
+    let agent = work.path().join("agent");
+    let options = |agent: &std::path::Path| RootfsOptions {
+        added_files: vec![kiln_image::AddedFile {
+            guest_path: "/sbin/kiln-agent".into(),
+            source: agent.to_path_buf(),
+            mode: 0o755,
+        }],
+        ..Default::default()
+    };
+    std::fs::write(&agent, b"old agent").unwrap();
+    let old = images.rootfs("app:1", &options(&agent), &NoProgress).unwrap().path;
+    let new_agent = work.path().join("agent2");
+    std::fs::write(&new_agent, b"new agent").unwrap();
+    let new = images.rootfs("app:1", &options(&new_agent), &NoProgress).unwrap().path;
+    assert_ne!(old, new);
+    let report = images.prune_keeping(&[options(&new_agent)]).unwrap();
+    assert!(!old.exists(), "the old agent's root filesystem is still cached");
+    assert!(new.exists());
+    assert!(report.caches >= 1);
+    assert_eq!(images.list().unwrap().len(), 1);
+    // A plain prune keeps every variant of a named image.
+    let again = images.rootfs("app:1", &options(&agent), &NoProgress).unwrap().path;
+    images.prune().unwrap();
+    assert!(again.exists() && new.exists());
+}

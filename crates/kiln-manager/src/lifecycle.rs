@@ -772,7 +772,11 @@ impl Manager {
                 None => summary.vms.push(name),
             }
         }
-        summary.images = self.images.prune()?;
+        // Root filesystem caches of earlier agent builds go too (the current one is kept).
+        summary.images = match guest::find_agent_binary(self.options.agent_binary.as_deref()) {
+            Ok(agent) => self.images.prune_keeping(&[guest::agent_rootfs_options(&agent)])?,
+            Err(_) => self.images.prune()?,
+        };
         for kernel in self.kernels.list()? {
             if !kernel.default && !kept.iter().any(|e| e.kernel == kernel.name) {
                 self.kernels.remove(&kernel.name)?;
