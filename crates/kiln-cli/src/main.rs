@@ -3,6 +3,7 @@
 //! command's for `run` (foreground) and `exec`, 125 for kiln's own errors (like `docker`).
 
 mod progress;
+mod signals;
 mod term;
 
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -328,6 +329,8 @@ fn stdout_failed(e: std::io::Error) -> ! {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: every thread inherits the blocked signals.
+    signals::install();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")

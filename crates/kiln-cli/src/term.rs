@@ -73,9 +73,11 @@ impl<W: Write> Write for Flushing<W> {
 }
 
 /// Streams a guest process's stdio to ours (stdin too with `stdin`; with `tty`, the terminal in raw
-/// mode and its size kept in sync) and returns how it ended.
+/// mode and its size kept in sync), forwards the signals `kiln` gets to it, and returns how it
+/// ended.
 pub fn attach(process: Process, stdin: bool, tty: bool) -> anyhow::Result<ExitStatus> {
     let process = Arc::new(process);
+    let _signals = crate::signals::Forwarding::to(&process);
     let _raw = if tty && stdin_is_tty() { RawMode::enter() } else { None };
     if stdin {
         Process::forward_stdin(&process, std::io::stdin());

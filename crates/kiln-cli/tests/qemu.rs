@@ -98,6 +98,32 @@ fn push(registry: &LocalRegistry, dir: &Path, layers: &[Vec<u8>], run: serde_jso
     registry.push_oci(&layout.dir, "v1", repo_tag);
 }
 
+/// A guest shell that says "ready", then waits; SIGINT ends it with 42, SIGTERM with 43.
+const TRAP_INT_AND_TERM: &str =
+    "trap 'echo got-int; exit 42' INT; trap 'echo got-term; exit 43' TERM; echo ready; while :; do sleep 1; done";
+
+/// Starts `kiln ARGS`, waits for the guest's "ready" line, sends SIGNAL to the kiln process and
+/// returns kiln's exit code and the rest of its stdout. Gives up (killing kiln) after 120 s.
+fn signal_while_running(kiln: &Kiln, args: &[&str], signal: &str) -> (Option<i32>, String) {
+    use std::io::{BufRead, Read};
+    let mut child = kiln.cmd(args).stdout(Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(120));
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    });
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n", "kiln {args:?}");
+    assert!(Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap().success());
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let code = child.wait().unwrap().code();
+    drop(watchdog);
+    (code, rest)
+}
+
 #[test]
 fn pull_run_exec_stop_start_rm_and_bad_input() {
     let registry = LocalRegistry::start();
@@ -137,6 +163,12 @@ fn pull_run_exec_stop_start_rm_and_bad_input() {
     assert!(text(&out.stderr).contains("oops"));
     assert!(kiln.vm_dirs().is_empty(), "--rm left {:?}", kiln.vm_dirs());
     assert!(kiln.ps(true).is_empty());
+    // Ctrl-C (SIGINT) to a foreground `kiln run` interrupts the guest's main process; --rm still
+    // cleans up.
+    let run = ["run", "--rm", "--hypervisor", "qemu", &image, "sh", "-c", TRAP_INT_AND_TERM];
+    let (code, out) = signal_while_running(&kiln, &run, "INT");
+    assert_eq!((code, out.as_str()), (Some(42), "got-int\n"));
+    assert!(kiln.vm_dirs().is_empty(), "--rm left {:?}", kiln.vm_dirs());
 
     // Detached: exec, stop, start (the disk keeps what was written), rm.
     assert_eq!(
@@ -150,6 +182,10 @@ fn pull_run_exec_stop_start_rm_and_bad_input() {
     assert_eq!(kiln.ok(&["exec", "keep", "sh", "-c", "echo kept > /root/file; hostname"]), "keep\n");
     let out = kiln.run(&["exec", "keep", "sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7));
+    // Signals kiln gets reach the guest process, as with `docker run`'s sig-proxy.
+    let exec = ["exec", "keep", "sh", "-c", TRAP_INT_AND_TERM];
+    let (code, out) = signal_while_running(&kiln, &exec, "TERM");
+    assert_eq!((code, out.as_str()), (Some(43), "got-term\n"));
     let copied = work.path().join("copied");
     kiln.ok(&["cp", "keep:/root/file", copied.to_str().unwrap()]);
     assert_eq!(std::fs::read_to_string(&copied).unwrap(), "kept\n");
