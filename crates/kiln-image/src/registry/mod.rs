@@ -161,7 +161,7 @@ impl RegistryClient {
         tracing::debug!(
             "HTTPS to {registry} failed ({https_error}); plain HTTP allowed: {plain_http_allowed}"
         );
-        let http = make("http", TlsConfig::default());
+        let http = make("http", tls.config(true));
         match http.ping() {
             Ok(()) if plain_http_allowed => Ok(http),
             Ok(()) => Err(ImageError::InsecureRegistry { registry }),
