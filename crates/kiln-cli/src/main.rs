@@ -165,7 +165,9 @@ enum ImageCmd {
     /// Pull an image from a registry.
     Pull {
         reference: String,
-        /// Registries (host:port) that may be reached over plain HTTP.
+        /// Registries (host:port) that may be reached over plain HTTP, or over HTTPS without verifying
+        /// their certificate. A registry's own CA goes in $KILN_CERTS_DIR, /etc/kiln/certs.d or
+        /// /etc/docker/certs.d, as HOST/ca.crt.
         #[arg(long, value_name = "HOST")]
         insecure_registry: Vec<String>,
     },
@@ -632,7 +634,11 @@ fn image(m: &Manager, cmd: ImageCmd) -> anyhow::Result<i32> {
     match cmd {
         ImageCmd::Pull { reference, insecure_registry } => {
             let r = Reference::parse(&reference)?;
-            let options = RegistryOptions { insecure_registries: insecure_registry, ..Default::default() };
+            let mut options =
+                RegistryOptions { insecure_registries: insecure_registry, ..Default::default() };
+            if let Some(dir) = std::env::var_os("KILN_CERTS_DIR").filter(|d| !d.is_empty()) {
+                options.certs_dirs.insert(0, PathBuf::from(dir));
+            }
             let s = images.pull(&r, &options, &progress::Bars::new())?;
             outln!("{} {}", r.name(), s.id);
         }

@@ -20,6 +20,31 @@ pub enum ImageError {
     )]
     InsecureRegistry { registry: String },
 
+    #[error(
+        "the TLS certificate of {registry} is not trusted ({detail}{}); put the registry's CA certificate in \
+         {}/{registry}/ca.crt, or pass --insecure-registry {registry} to skip verification",
+        if registry_files.is_empty() { String::new() } else { format!("; also trusted: {registry_files}") },
+        certs_dir.display()
+    )]
+    UntrustedCertificate { registry: String, detail: String, certs_dir: PathBuf, registry_files: String },
+
+    #[error(
+        "registry {registry} refused the TLS connection: it wants a client certificate it trusts (alert \
+         {alert}; sent: {}); put the certificate and key it expects in {}/{registry}/client.cert and \
+         client.key",
+        client_files.as_deref().unwrap_or("none"),
+        certs_dir.display()
+    )]
+    ClientCertificateRefused {
+        registry: String,
+        alert: String,
+        certs_dir: PathBuf,
+        client_files: Option<String>,
+    },
+
+    #[error("cannot use certificate file {path}: {detail}; fix or remove it")]
+    BadCertificateFile { path: PathBuf, detail: String },
+
     #[error("cannot reach registry {registry} ({url}); check the address and that it is running")]
     RegistryUnreachable {
         registry: String,

@@ -1,7 +1,8 @@
 //! OCI images in, root filesystems and kernels out.
 //!
-//! Owns: image references, the registry client (distribution API v2: Bearer and Basic auth, HTTPS,
-//! plain HTTP only for loopback or explicitly allowed registries), the content-addressed blob store and
+//! Owns: image references, the registry client (distribution API v2: Bearer and Basic auth, HTTPS
+//! trusting the system CA bundle and per-registry `certs.d` CAs and client certificates, plain HTTP
+//! only for loopback or explicitly allowed registries), the content-addressed blob store and
 //! image index under `<root>/images` (every blob's digest and size verified before it is stored;
 //! index written atomically under file locks), importing `oci-layout` directories and archives and
 //! `docker save` archives, applying layers to a staging directory (whiteouts, opaque directories,

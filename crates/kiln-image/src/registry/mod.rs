@@ -1,15 +1,20 @@
 //! A blocking client for the OCI distribution (Docker registry v2) API: ping and authenticate (Bearer
 //! token or Basic), fetch manifests (verified against the digest asked for or announced), and stream
-//! blobs. HTTPS always; plain HTTP only for loopback registries or registries the caller allows.
+//! blobs. HTTPS always, trusting the system CA bundle and the registry's own CAs (`tls`, Docker's
+//! `certs.d` layout); plain HTTP only for loopback registries or registries the caller allows, which
+//! may also use HTTPS with a certificate nobody vouches for (as with Docker's insecure registries).
 
 pub mod auth;
+pub mod tls;
 
 use std::io::Read;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ureq::http::{Response, StatusCode};
+use ureq::tls::TlsConfig;
 use ureq::Body;
 
 use crate::digest::Digest;
@@ -17,13 +22,19 @@ use crate::error::{ImageError, Result};
 use crate::oci::{self, MAX_MANIFEST_BYTES};
 use crate::reference::Reference;
 use auth::{parse_challenge, Anonymous, Challenge, CredentialSource, Credentials};
+use tls::{CertificateProblem, RegistryTls};
 
 /// How to talk to registries.
 #[derive(Clone)]
 pub struct RegistryOptions {
     /// Registries (as written in references, `host:port`) that may be reached over plain HTTP.
-    /// Loopback registries (`localhost`, `127.0.0.0/8`, `[::1]`) always may.
+    /// Loopback registries (`localhost`, `127.0.0.0/8`, `[::1]`) always may. Listed ones may also
+    /// serve HTTPS with an untrusted certificate (verification is skipped for them, as Docker does).
     pub insecure_registries: Vec<String>,
+    /// Directories of per-registry certificates, searched in order: `<dir>/<host[:port]>/*.crt` are
+    /// CAs trusted for that registry (on top of the system bundle), `*.cert` + `*.key` a client
+    /// certificate. Default: `tls::DEFAULT_CERTS_DIRS` (`/etc/kiln/certs.d`, `/etc/docker/certs.d`).
+    pub certs_dirs: Vec<PathBuf>,
     /// Where credentials come from (`DockerConfig::load_default()` for the user's `docker login`s).
     pub credentials: Arc<dyn CredentialSource>,
     /// Platform chosen from multi-platform images.
@@ -39,6 +50,7 @@ impl Default for RegistryOptions {
     fn default() -> Self {
         RegistryOptions {
             insecure_registries: Vec::new(),
+            certs_dirs: tls::DEFAULT_CERTS_DIRS.iter().map(PathBuf::from).collect(),
             credentials: Arc::new(Anonymous),
             os: oci::DEFAULT_OS.to_string(),
             architecture: oci::DEFAULT_ARCH.to_string(),
@@ -52,6 +64,7 @@ impl std::fmt::Debug for RegistryOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegistryOptions")
             .field("insecure_registries", &self.insecure_registries)
+            .field("certs_dirs", &self.certs_dirs)
             .field("platform", &format!("{}/{}", self.os, self.architecture))
             .field("parallel_downloads", &self.parallel_downloads)
             .finish_non_exhaustive()
@@ -79,6 +92,8 @@ pub struct RegistryClient {
     repository: String,
     base_url: String,
     agent: ureq::Agent,
+    /// Also used for the token service, which Docker reaches with the registry's TLS setup too.
+    tls: TlsConfig,
     plain_http_allowed: bool,
     credentials: Option<Credentials>,
     authorization: Mutex<Option<String>>,
@@ -93,31 +108,60 @@ pub struct FetchedManifest {
 
 impl RegistryClient {
     /// Finds the registry's API (HTTPS, or HTTP where allowed) and authenticates for pulling from the
-    /// reference's repository.
+    /// reference's repository. The registry's certificates are read here, once.
     pub fn connect(reference: &Reference, options: &RegistryOptions) -> Result<Self> {
         let registry = reference.registry().to_string();
         let host = reference.registry_api_host();
-        let plain_http_allowed = is_loopback_registry(host)
-            || options.insecure_registries.iter().any(|r| r == &registry || r == host);
-        let make = |scheme: &str| RegistryClient {
+        let listed_insecure = options.insecure_registries.iter().any(|r| r == &registry || r == host);
+        let plain_http_allowed = is_loopback_registry(host) || listed_insecure;
+        let tls = tls::registry_tls(&options.certs_dirs, &[registry.as_str(), host])?;
+        let make = |scheme: &str, tls: TlsConfig| RegistryClient {
             registry: registry.clone(),
             repository: reference.repository().to_string(),
             base_url: format!("{scheme}://{host}"),
-            agent: agent(options.timeout, scheme == "https", is_loopback_registry(host)),
+            agent: agent(options.timeout, scheme == "https", is_loopback_registry(host), &tls),
+            tls,
             plain_http_allowed,
             credentials: options.credentials.credentials(&registry),
             authorization: Mutex::new(None),
         };
-        let https = make("https");
+        let https = make("https", tls.config(true));
         let https_error = match https.ping() {
             Ok(()) => return Ok(https),
             Err(ImageError::RegistryUnreachable { source, .. }) => source,
             Err(other) => return Err(other),
         };
+        // A TLS server with a certificate problem is no reason to try plain HTTP on the same port.
+        match tls::certificate_problem(&https_error) {
+            Some(CertificateProblem::Untrusted(detail)) if listed_insecure => {
+                tracing::warn!(
+                    "the TLS certificate of {registry} is not trusted ({detail}); using it unverified, \
+                     as {registry} is an insecure registry"
+                );
+                let unverified = make("https", tls.config(false));
+                unverified.ping()?;
+                return Ok(unverified);
+            }
+            Some(CertificateProblem::Untrusted(detail)) => {
+                return Err(untrusted_certificate(&registry, detail, options, &tls))
+            }
+            Some(CertificateProblem::ClientRefused(alert)) => {
+                return Err(ImageError::ClientCertificateRefused {
+                    certs_dir: first_certs_dir(options),
+                    client_files: tls
+                        .client_files
+                        .as_ref()
+                        .map(|(cert, key)| format!("{} and {}", cert.display(), key.display())),
+                    registry,
+                    alert,
+                })
+            }
+            None => {}
+        }
         tracing::debug!(
             "HTTPS to {registry} failed ({https_error}); plain HTTP allowed: {plain_http_allowed}"
         );
-        let http = make("http");
+        let http = make("http", tls.config(true));
         match http.ping() {
             Ok(()) if plain_http_allowed => Ok(http),
             Ok(()) => Err(ImageError::InsecureRegistry { registry }),
@@ -232,8 +276,12 @@ impl RegistryClient {
         if realm.starts_with("http://") && !(self.plain_http_allowed || is_loopback_registry(realm_host)) {
             return Err(ImageError::InsecureRegistry { registry: realm_host.to_string() });
         }
-        let token_agent =
-            agent(Duration::from_secs(30), realm.starts_with("https://"), is_loopback_registry(realm_host));
+        let token_agent = agent(
+            Duration::from_secs(30),
+            realm.starts_with("https://"),
+            is_loopback_registry(realm_host),
+            &self.tls,
+        );
         let mut request = token_agent.get(realm).query("scope", scope);
         if let Some(service) = service {
             request = request.query("service", service);
@@ -342,12 +390,32 @@ impl RegistryClient {
     }
 }
 
-/// An HTTP agent; proxies from the environment (`HTTPS_PROXY`, ...) are used except for loopback
-/// hosts, which a proxy could not reach.
-fn agent(timeout: Duration, https_only: bool, loopback: bool) -> ureq::Agent {
+fn first_certs_dir(options: &RegistryOptions) -> PathBuf {
+    options.certs_dirs.first().cloned().unwrap_or_else(|| PathBuf::from(tls::DEFAULT_CERTS_DIRS[0]))
+}
+
+fn untrusted_certificate(
+    registry: &str,
+    detail: String,
+    options: &RegistryOptions,
+    tls: &RegistryTls,
+) -> ImageError {
+    let files: Vec<String> = tls.ca_files.iter().map(|f| f.display().to_string()).collect();
+    ImageError::UntrustedCertificate {
+        registry: registry.to_string(),
+        detail,
+        certs_dir: first_certs_dir(options),
+        registry_files: files.join(", "),
+    }
+}
+
+/// An HTTP agent with the registry's TLS setup; proxies from the environment (`HTTPS_PROXY`, ...) are
+/// used except for loopback hosts, which a proxy could not reach.
+fn agent(timeout: Duration, https_only: bool, loopback: bool, tls: &TlsConfig) -> ureq::Agent {
     let builder = ureq::Agent::config_builder();
     let builder = if loopback { builder.proxy(None) } else { builder };
     builder
+        .tls_config(tls.clone())
         .http_status_as_error(false)
         .https_only(https_only)
         .timeout_connect(Some(timeout))
