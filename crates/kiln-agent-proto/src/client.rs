@@ -121,6 +121,8 @@ struct Shared {
     streams: Mutex<HashMap<u32, Arc<StreamState>>>,
     next_id: AtomicU32,
     dead: Mutex<Option<String>>,
+    /// Whatever must live as long as the connection (see [`Client::hold`]).
+    held: Mutex<Vec<Box<dyn std::any::Any + Send>>>,
 }
 
 impl Shared {
@@ -447,6 +449,7 @@ impl Client {
             streams: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
             dead: Mutex::new(None),
+            held: Mutex::new(Vec::new()),
         });
         let sh = shared.clone();
         let reader = std::thread::Builder::new()
@@ -500,6 +503,12 @@ impl Client {
     }
 
     /// What the agent said in the handshake.
+    /// Keeps `guard` until the connection and every process on it are dropped (e.g. the lock on the
+    /// transport port this connection uses).
+    pub fn hold(&self, guard: impl std::any::Any + Send) {
+        lock(&self.shared.held).push(Box::new(guard));
+    }
+
     pub fn welcome(&self) -> &Welcome {
         &self.welcome
     }

@@ -50,7 +50,7 @@ struct Args {
     /// Do not listen on vsock.
     #[arg(long)]
     no_vsock: bool,
-    /// Name of the virtio-serial port to serve.
+    /// Name of the virtio-serial port to serve (and `NAME.1`, `NAME.2`, ... when present).
     #[arg(long, default_value = VIRTIO_PORT_NAME)]
     virtio_port: String,
     /// Do not serve a virtio-serial port.
@@ -150,6 +150,8 @@ fn run_agent(args: Args, role: Role) -> ! {
         libc::SIGUSR1,
         libc::SIGUSR2,
         libc::SIGPWR,
+        // A virtio-serial port's host side connected or sent data (transport::serve_virtio_port).
+        libc::SIGIO,
     ]);
     if let Err(e) = signals.block() {
         eprintln!("kiln-agent: cannot block signals: {e}");
@@ -162,6 +164,7 @@ fn run_agent(args: Args, role: Role) -> ! {
     std::thread::spawn(move || loop {
         match signals.wait() {
             Ok(libc::SIGCHLD) => a.reaper.reap(),
+            Ok(libc::SIGIO) => transport::virtio_host_event(),
             Ok(sig) => {
                 if let Some(req) = init::stop_for_signal(a.role, sig) {
                     a.request_stop(req);
@@ -190,9 +193,11 @@ fn run_agent(args: Args, role: Role) -> ! {
                 std::thread::spawn(move || transport::serve_vsock(a, port));
             }
             if !args.no_virtio_port {
-                let a = agent.clone();
-                let name = args.virtio_port.clone();
-                std::thread::spawn(move || transport::serve_virtio_port(a, name));
+                // `kiln.agent` and its siblings `kiln.agent.1`, ...: one host per port at a time.
+                for name in transport::virtio_port_family(&args.virtio_port) {
+                    let a = agent.clone();
+                    std::thread::spawn(move || transport::serve_virtio_port(a, name));
+                }
             }
         }
     }

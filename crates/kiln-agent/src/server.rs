@@ -210,6 +210,9 @@ pub fn serve(agent: &Arc<Agent>, mut io: File, rehello: bool) {
     }
     conn_dead.store(true, Ordering::SeqCst);
     conn.close();
+    // Wakes the writer now rather than at its next timeout: on a virtio-serial port the next host
+    // is served only once this returns. What was queued before still goes out first.
+    let _ = tx.try_send(Vec::new());
     let _ = writer_thread.join();
     sys::shutdown_socket(io.as_raw_fd());
 }
@@ -233,6 +236,12 @@ fn software() -> String {
 fn write_loop(w: &mut File, rx: Receiver<Vec<u8>>, dead: &AtomicBool) {
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
+            // The wake-up `serve` sends when the connection ended (not a frame: nothing to count).
+            Ok(frame) if frame.is_empty() => {
+                if dead.load(Ordering::SeqCst) {
+                    break;
+                }
+            }
             Ok(frame) => {
                 let written = w.write_all(&frame);
                 UNSENT.fetch_sub(1, Ordering::SeqCst);

@@ -201,6 +201,18 @@ pub fn poll_events(fd: RawFd, timeout_ms: i32) -> io::Result<i16> {
     Ok(p.revents)
 }
 
+/// Asks for SIGIO to this process when `fd` changes state (O_ASYNC with us as the owner): a
+/// virtio-serial port signals its host connecting and data arriving.
+pub fn signal_io_to_self(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a caller-owned fd with integer arguments only.
+    unsafe {
+        check(libc::fcntl(fd, libc::F_SETOWN, libc::getpid()))?;
+        let flags = check(libc::fcntl(fd, libc::F_GETFL))?;
+        check(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_ASYNC))?;
+    }
+    Ok(())
+}
+
 /// shutdown(2) both directions; ignored for non-sockets.
 pub fn shutdown_socket(fd: RawFd) {
     // SAFETY: no memory arguments; errors (ENOTSOCK, ENOTCONN) do not matter here.

@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use crate::agent::Agent;
@@ -61,6 +61,59 @@ pub fn serve_unix(agent: Arc<Agent>, path: PathBuf) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How long to wait for the host between checks when SIGIO tells when it comes (a safety net).
+const HOST_WAIT_WITH_SIGIO: Duration = Duration::from_secs(1);
+/// How often to look for the host without SIGIO.
+const HOST_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Counts SIGIOs from virtio-serial ports; waiters sleep on the condvar.
+static HOST_EVENTS: (Mutex<u64>, Condvar) = (Mutex::new(0), Condvar::new());
+
+fn host_events() -> u64 {
+    *HOST_EVENTS.0.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A virtio-serial port signalled (SIGIO): its host connected, left or sent data.
+pub fn virtio_host_event() {
+    let (count, cond) = &HOST_EVENTS;
+    *count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    cond.notify_all();
+}
+
+/// Waits until a SIGIO came after the count `seen` was read, at most `timeout`.
+fn wait_for_host_event(seen: u64, timeout: Duration) {
+    let (count, cond) = &HOST_EVENTS;
+    let guard = count.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = cond.wait_timeout_while(guard, timeout, |n| *n == seen);
+}
+
+/// The names of the guest's virtio-serial ports called `base` or `base.N` (sorted), or just `base`
+/// when none is found (its thread then says so).
+pub fn virtio_port_family(base: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/virtio-ports")
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path().join("name")).ok())
+                .map(|n| n.trim().to_string())
+                .filter(|n| is_in_family(n, base))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    if names.is_empty() {
+        names.push(base.to_string());
+    }
+    names
+}
+
+fn is_in_family(name: &str, base: &str) -> bool {
+    name == base
+        || name
+            .strip_prefix(base)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// The `/dev` node of the virtio-serial port called `name` (udev's /dev/virtio-ports/<name>
 /// symlink is not there without udev, so sysfs is searched).
 pub fn find_virtio_port(name: &str) -> Option<PathBuf> {
@@ -90,7 +143,18 @@ pub fn serve_virtio_port(agent: Arc<Agent>, name: String) {
         }
     };
     tracing::info!("serving on virtio-serial port {} ({name})", path.display());
+    // The port reports POLLHUP at once while no host is connected, so poll cannot wait for one;
+    // SIGIO (the signal thread calls virtio_host_event) says when one connects or writes. Without
+    // it, a slow re-poll.
+    let woken_by_sigio = match sys::signal_io_to_self(port.as_raw_fd()) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::info!("no SIGIO from {}: {e}; polling for the host instead", path.display());
+            false
+        }
+    };
     loop {
+        let seen = host_events();
         // POLLHUP while no host is connected; POLLIN once one has sent something.
         match sys::poll_events(port.as_raw_fd(), 1000) {
             Ok(ev) if ev & libc::POLLIN != 0 => match port.try_clone() {
@@ -100,12 +164,30 @@ pub fn serve_virtio_port(agent: Arc<Agent>, name: String) {
                     return;
                 }
             },
-            Ok(ev) if ev & libc::POLLHUP != 0 => std::thread::sleep(Duration::from_millis(200)),
+            Ok(ev) if ev & libc::POLLHUP != 0 => {
+                let wait = if woken_by_sigio { HOST_WAIT_WITH_SIGIO } else { HOST_POLL_INTERVAL };
+                wait_for_host_event(seen, wait);
+            }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!("poll on {}: {e}", path.display());
                 std::thread::sleep(Duration::from_millis(200));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_port_family_is_the_base_name_and_numbered_siblings() {
+        for yes in ["kiln.agent", "kiln.agent.1", "kiln.agent.12"] {
+            assert!(is_in_family(yes, "kiln.agent"), "{yes}");
+        }
+        for no in ["kiln.agentx", "kiln.agent.", "kiln.agent.1a", "org.qemu.guest_agent.0", "kiln"] {
+            assert!(!is_in_family(no, "kiln.agent"), "{no}");
         }
     }
 }

@@ -182,6 +182,28 @@ fn pull_run_exec_stop_start_rm_and_bad_input() {
     assert_eq!(kiln.ok(&["exec", "keep", "sh", "-c", "echo kept > /root/file; hostname"]), "keep\n");
     let out = kiln.run(&["exec", "keep", "sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7));
+    // Several kiln commands reach one VM's agent at once (QEMU: one virtio-serial port each): an
+    // interactive exec holds one while others run.
+    let mut holder = kiln
+        .cmd(&["exec", "-i", "keep", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut holder_in = holder.stdin.take().unwrap();
+    {
+        use std::io::{BufRead, Write};
+        holder_in.write_all(b"held\n").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(holder.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line, "held\n");
+    }
+    let started = std::time::Instant::now();
+    assert_eq!(kiln.ok(&["exec", "keep", "echo", "alongside"]), "alongside\n");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "took {:?}", started.elapsed());
+    drop(holder_in);
+    assert!(holder.wait().unwrap().success());
+
     // Signals kiln gets reach the guest process, as with `docker run`'s sig-proxy.
     let exec = ["exec", "keep", "sh", "-c", TRAP_INT_AND_TERM];
     let (code, out) = signal_while_running(&kiln, &exec, "TERM");

@@ -34,7 +34,20 @@ pub enum AgentChannel {
         socket: PathBuf,
         /// The port's name.
         port_name: String,
+        /// The sockets of further ports (`kiln.agent.1` ...), each one more host connection at a
+        /// time. Hosts take a port with an exclusive `flock` on `<socket>.lock`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        more_sockets: Vec<PathBuf>,
     },
+}
+
+/// An open stream to the agent. On virtio-serial it holds the port's lock: keep it as long as
+/// the stream.
+#[derive(Debug)]
+pub struct AgentStream {
+    pub stream: UnixStream,
+    /// The `flock`ed `<socket>.lock` of the port in use (virtio-serial only).
+    pub port_lock: Option<std::fs::File>,
 }
 
 /// Why the agent channel could not be opened.
@@ -50,6 +63,19 @@ pub enum AgentError {
         /// The last error.
         #[source]
         source: io::Error,
+    },
+    /// Every virtio-serial port is held by another host until the deadline.
+    #[error(
+        "all {ports} agent ports of the VM ({path}) stayed in use by other kiln commands for {waited:?}; \
+         wait for one of them to end"
+    )]
+    PortsBusy {
+        /// The first port's socket.
+        path: PathBuf,
+        /// How many ports there are.
+        ports: usize,
+        /// How long we tried.
+        waited: Duration,
     },
     /// The guest did not accept the vsock connection before the deadline.
     #[error(
@@ -78,18 +104,32 @@ impl AgentChannel {
     }
 
     /// Opens a stream to the guest agent, retrying until `timeout` while the VM or the agent is
-    /// not ready. The returned stream has no read/write timeout.
-    pub fn connect(&self, timeout: Duration) -> Result<UnixStream, AgentError> {
+    /// not ready (or, on virtio-serial, while every port is in use). The stream has no read/write
+    /// timeout.
+    pub fn connect(&self, timeout: Duration) -> Result<AgentStream, AgentError> {
         let start = Instant::now();
         let path = self.socket_path().to_path_buf();
         loop {
             let timed_out = start.elapsed() >= timeout;
-            match UnixStream::connect(&path) {
-                Ok(stream) => match self {
-                    AgentChannel::VirtioSerial { .. } => return Ok(stream),
-                    AgentChannel::Vsock { port, .. } => {
+            match self {
+                AgentChannel::VirtioSerial { socket, more_sockets, .. } => {
+                    let ports: Vec<&PathBuf> = std::iter::once(socket).chain(more_sockets).collect();
+                    match connect_free_port(&ports) {
+                        Ok(Some(stream)) => return Ok(stream),
+                        Ok(None) if timed_out => {
+                            return Err(AgentError::PortsBusy { path, ports: ports.len(), waited: timeout })
+                        }
+                        Ok(None) => {}
+                        Err(source) if timed_out => {
+                            return Err(AgentError::Connect { path, waited: timeout, source })
+                        }
+                        Err(_) => {}
+                    }
+                }
+                AgentChannel::Vsock { port, .. } => match UnixStream::connect(&path) {
+                    Ok(stream) => {
                         match vsock_handshake(stream, *port, timeout.saturating_sub(start.elapsed())) {
-                            Ok(stream) => return Ok(stream),
+                            Ok(stream) => return Ok(AgentStream { stream, port_lock: None }),
                             Err(last_reply) if timed_out || start.elapsed() >= timeout => {
                                 return Err(AgentError::NotListening {
                                     path,
@@ -101,14 +141,46 @@ impl AgentChannel {
                             Err(_) => {}
                         }
                     }
+                    Err(source) if timed_out => {
+                        return Err(AgentError::Connect { path, waited: timeout, source })
+                    }
+                    Err(_) => {}
                 },
-                Err(source) if timed_out => {
-                    return Err(AgentError::Connect { path, waited: timeout, source })
-                }
-                Err(_) => {}
             }
             std::thread::sleep(RETRY_INTERVAL);
         }
+    }
+}
+
+/// Connects to the first virtio-serial port no other host holds: QEMU serves one client per port
+/// and leaves a second one waiting unseen, so hosts take turns by `flock`ing `<socket>.lock`.
+/// `Ok(None)`: all are held.
+fn connect_free_port(ports: &[&PathBuf]) -> io::Result<Option<AgentStream>> {
+    use std::os::fd::AsRawFd as _;
+    let mut last_error = None;
+    for socket in ports {
+        let mut lock_path = socket.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock = match std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                last_error = Some(e);
+                continue;
+            }
+        };
+        // SAFETY: flock on a file descriptor we own; no memory arguments.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue;
+        }
+        match UnixStream::connect(socket) {
+            Ok(stream) => return Ok(Some(AgentStream { stream, port_lock: Some(lock) })),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    match last_error {
+        Some(e) => Err(e),
+        None => Ok(None),
     }
 }
 
@@ -176,7 +248,7 @@ mod tests {
         let path = dir.path().join("v.sock");
         let server = fake_vsock(path.clone(), 2);
         let chan = AgentChannel::Vsock { uds_path: path, port: 1024 };
-        let mut s = chan.connect(Duration::from_secs(5)).unwrap();
+        let mut s = chan.connect(Duration::from_secs(5)).unwrap().stream;
         let mut line = String::new();
         io::BufReader::new(s.try_clone().unwrap()).read_line(&mut line).unwrap();
         assert_eq!(line, "hello from the guest\n");
@@ -195,9 +267,34 @@ mod tests {
     }
 
     #[test]
+    fn virtio_serial_hosts_take_free_ports_and_wait_when_all_are_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let sockets: Vec<PathBuf> = (0..2).map(|i| dir.path().join(format!("agent-{i}.sock"))).collect();
+        // Like QEMU's chardevs: listening; whether a connection is served does not matter here.
+        let _listeners: Vec<UnixListener> = sockets.iter().map(|p| UnixListener::bind(p).unwrap()).collect();
+        let chan = AgentChannel::VirtioSerial {
+            socket: sockets[0].clone(),
+            port_name: "kiln.agent".into(),
+            more_sockets: vec![sockets[1].clone()],
+        };
+        let first = chan.connect(Duration::from_secs(1)).unwrap();
+        let second = chan.connect(Duration::from_secs(1)).unwrap();
+        let peer = |s: &AgentStream| s.stream.peer_addr().unwrap().as_pathname().unwrap().to_path_buf();
+        assert_eq!((peer(&first), peer(&second)), (sockets[0].clone(), sockets[1].clone()));
+        let err = chan.connect(Duration::from_millis(200)).unwrap_err().to_string();
+        assert!(err.contains("all 2 agent ports") && err.contains("in use"), "{err}");
+        // A host that is done frees its port for the next.
+        drop(first);
+        assert_eq!(peer(&chan.connect(Duration::from_secs(1)).unwrap()), sockets[0]);
+    }
+
+    #[test]
     fn a_missing_socket_is_a_connect_error_naming_it() {
-        let chan =
-            AgentChannel::VirtioSerial { socket: "/nonexistent/agent.sock".into(), port_name: "x".into() };
+        let chan = AgentChannel::VirtioSerial {
+            socket: "/nonexistent/agent.sock".into(),
+            port_name: "x".into(),
+            more_sockets: Vec::new(),
+        };
         let err = chan.connect(Duration::from_millis(100)).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/agent.sock"), "{err}");
     }

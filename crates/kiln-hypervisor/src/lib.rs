@@ -76,7 +76,7 @@ pub mod qmp;
 pub mod record;
 pub mod spec;
 
-pub use agent::{AgentChannel, AgentError};
+pub use agent::{AgentChannel, AgentError, AgentStream};
 pub use error::HypervisorError;
 pub use host::{Accelerator, AgentTransport, Capabilities, HostProbe, KvmStatus, ProbePaths};
 pub use process::{ProcessId, VmExit, VmmProcess};

@@ -38,7 +38,9 @@ use crate::machine::{
 };
 use crate::qmp::{QmpClient, QmpError};
 use crate::record::{StatePaths, VmRecord};
-use crate::spec::{with_kernel_params, VmSpec, AGENT_SERIAL_PORT_NAME};
+use crate::spec::{
+    agent_serial_port_name, with_kernel_params, VmSpec, AGENT_SERIAL_PORTS, AGENT_SERIAL_PORT_NAME,
+};
 use crate::{BackendKind, Hypervisor, Vm};
 
 /// Read/write timeout of one QMP exchange.
@@ -174,11 +176,12 @@ pub fn qemu_args(
     }
     if spec.agent.is_some() {
         push(&[&"-device", &"virtio-serial-device,id=agent0"]);
-        push(&[&"-chardev", &opt_path("socket,id=agent,server=on,wait=off,path=", &paths.agent_serial)]);
-        push(&[
-            &"-device",
-            &format!("virtserialport,bus=agent0.0,chardev=agent,name={AGENT_SERIAL_PORT_NAME}"),
-        ]);
+        for i in 0..AGENT_SERIAL_PORTS {
+            let chardev = format!("socket,id=agent{i},server=on,wait=off,path=");
+            push(&[&"-chardev", &opt_path(&chardev, &paths.agent_serial_port(i))]);
+            let name = agent_serial_port_name(i);
+            push(&[&"-device", &format!("virtserialport,bus=agent0.0,chardev=agent{i},name={name}")]);
+        }
     }
     Ok(a)
 }
@@ -219,6 +222,7 @@ impl Hypervisor for QemuBackend {
             agent: spec.agent.map(|_| AgentChannel::VirtioSerial {
                 socket: paths.agent_serial.clone(),
                 port_name: AGENT_SERIAL_PORT_NAME.to_string(),
+                more_sockets: (1..AGENT_SERIAL_PORTS).map(|i| paths.agent_serial_port(i)).collect(),
             }),
             binary: &binary,
             args: &args,
@@ -347,9 +351,16 @@ mod tests {
         assert_eq!(after(&a, "-device", 4), "virtio-serial-device,id=agent0");
         assert_eq!(
             after(&a, "-chardev", 2),
-            "socket,id=agent,server=on,wait=off,path=/run/kiln/vm1/agent.sock"
+            "socket,id=agent0,server=on,wait=off,path=/run/kiln/vm1/agent.sock"
         );
-        assert_eq!(after(&a, "-device", 5), "virtserialport,bus=agent0.0,chardev=agent,name=kiln.agent");
+        assert_eq!(after(&a, "-device", 5), "virtserialport,bus=agent0.0,chardev=agent0,name=kiln.agent");
+        // More ports, so that several kiln commands can reach the agent at once.
+        assert_eq!(
+            after(&a, "-chardev", 3),
+            "socket,id=agent1,server=on,wait=off,path=/run/kiln/vm1/agent-1.sock"
+        );
+        assert_eq!(after(&a, "-device", 6), "virtserialport,bus=agent0.0,chardev=agent1,name=kiln.agent.1");
+        assert_eq!(a.iter().filter(|x| x.starts_with("virtserialport")).count(), 4);
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub struct StatePaths {
     /// kiln-vmm's vsock Unix socket (`agent.vsock`; Firecracker-style, `_PORT` suffixes for
     /// guest-initiated connections).
     pub agent_vsock: PathBuf,
-    /// QEMU's agent virtio-serial socket (`agent.sock`).
+    /// QEMU's first agent virtio-serial socket (`agent.sock`; the others: [`StatePaths::agent_serial_port`]).
     pub agent_serial: PathBuf,
 }
 
@@ -56,6 +56,15 @@ impl StatePaths {
         }
     }
 
+    /// The socket of agent virtio-serial port `i` (`agent.sock`, `agent-1.sock`, ...).
+    pub fn agent_serial_port(&self, i: usize) -> PathBuf {
+        if i == 0 {
+            self.agent_serial.clone()
+        } else {
+            self.dir.join(format!("agent-{i}.sock"))
+        }
+    }
+
     /// Creates the directory (mode 0700: sockets inside control the VM) and the console log's,
     /// and removes sockets and status files a previous VM left there.
     pub fn prepare(&self, console_log: &Path) -> Result<(), HypervisorError> {
@@ -70,9 +79,11 @@ impl StatePaths {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
             .map_err(state_err(&self.dir))?;
-        for stale in
-            [&self.exit_file, &self.api_socket, &self.qmp_socket, &self.agent_vsock, &self.agent_serial]
-        {
+        let ports = (1..crate::spec::AGENT_SERIAL_PORTS).map(|i| self.agent_serial_port(i));
+        let fixed =
+            [&self.exit_file, &self.api_socket, &self.qmp_socket, &self.agent_vsock, &self.agent_serial];
+        for stale in fixed.into_iter().cloned().chain(ports) {
+            let stale = &stale;
             match std::fs::remove_file(stale) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(state_err(stale)(e)),
                 _ => {}
@@ -185,6 +196,7 @@ pub(crate) mod tests {
 
     pub(crate) fn record(dir: &Path) -> VmRecord {
         let paths = StatePaths::new(dir);
+        let second_port = paths.agent_serial_port(1);
         let mut spec = VmSpec::new("web", "/k/vmlinux", "console=ttyS0 -- true", dir);
         spec.root_disk = Some(DiskSpec { path: "/img/root.ext4".into(), read_only: false });
         spec.network_interfaces.push(NetSpec { tap: "tap0".into(), mac: Some("02:00:00:00:00:01".into()) });
@@ -203,6 +215,7 @@ pub(crate) mod tests {
             console_log: spec.console_log.clone(),
             vmm_log: paths.vmm_log,
             agent: Some(AgentChannel::VirtioSerial {
+                more_sockets: vec![second_port],
                 socket: paths.agent_serial,
                 port_name: crate::spec::AGENT_SERIAL_PORT_NAME.into(),
             }),

@@ -19,7 +19,21 @@ pub const DEFAULT_AGENT_PORT: u32 = 1024;
 pub const AGENT_GUEST_CID: u32 = 3;
 
 /// Name of the virtio-serial port carrying the agent channel where there is no vsock (QEMU here).
+/// The further ports are `kiln.agent.1` ... (see [`agent_serial_port_name`]).
 pub const AGENT_SERIAL_PORT_NAME: &str = "kiln.agent";
+
+/// Agent ports per VM on virtio-serial: a port carries one host connection at a time, so this many
+/// `kiln` commands can talk to one VM's agent at once (`run` attached plus `exec`s, say).
+pub const AGENT_SERIAL_PORTS: usize = 4;
+
+/// The name of agent port `i` (`kiln.agent`, `kiln.agent.1`, ...).
+pub fn agent_serial_port_name(i: usize) -> String {
+    if i == 0 {
+        AGENT_SERIAL_PORT_NAME.to_string()
+    } else {
+        format!("{AGENT_SERIAL_PORT_NAME}.{i}")
+    }
+}
 
 /// Longest VM name (Firecracker's instance id limit).
 pub const MAX_NAME_LEN: usize = 64;

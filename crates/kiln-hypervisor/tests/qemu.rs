@@ -93,7 +93,7 @@ fn a_guest_boots_pauses_resumes_talks_to_the_host_and_ends_itself() {
     // The agent channel: the host writes first, the guest answers.
     let chan = vm.agent_channel().unwrap();
     assert!(matches!(chan, AgentChannel::VirtioSerial { port_name, .. } if port_name == "kiln.agent"));
-    let mut agent = chan.connect(Duration::from_secs(10)).unwrap();
+    let mut agent = chan.connect(Duration::from_secs(10)).unwrap().stream;
     agent.write_all(b"ping\n").unwrap();
     agent.set_read_timeout(Some(BOOT)).unwrap();
     let mut answer = String::new();

@@ -476,6 +476,7 @@ impl Manager {
         };
         phase!("agent: connected");
         let left = deadline.saturating_duration_since(std::time::Instant::now()).max(Duration::from_secs(1));
+        let kiln_hypervisor::AgentStream { stream, port_lock } = stream;
         let client = Client::from_stream(stream, left).map_err(|source| {
             // A virtio-serial socket accepts before the guest is up: a guest that died while
             // booting shows as a reset connection, and its VMM ends right after.
@@ -486,6 +487,9 @@ impl Manager {
                 _ => ManagerError::Agent { name: entry.name.clone(), source },
             }
         })?;
+        if let Some(lock) = port_lock {
+            client.hold(lock);
+        }
         phase!("agent: handshake done");
         Ok(client)
     }
