@@ -22,8 +22,11 @@
 //!   `ops` token and its length in `bandwidth` tokens. A refused tx chain stays in the ring; a
 //!   refused rx frame stays pending and the tap is not listed. Either resumes when its limiter's
 //!   timer ([`RX_RATE_LIMITER_TOKEN`], [`TX_RATE_LIMITER_TOKEN`]) fires.
-//! - Interrupts: each pass completes everything it can and signals at most once per queue,
-//!   subject to `needs_notification` (VIRTIO_RING_F_EVENT_IDX is offered).
+//! - Interrupts: each pass completes everything it can and signals at most once, subject to
+//!   `needs_notification` (VIRTIO_RING_F_EVENT_IDX is offered). A tx pass that sent frames also
+//!   delivers what is then waiting on the tap (the host's answers, TCP ACKs above all, are queued
+//!   within the write), so one interrupt covers both queues: under nested virtualization each
+//!   interrupt costs the guest several exits.
 //!
 //! - MMDS: with [`Net::attach_mmds`], guest frames for the MMDS address (ARP who-has it, IPv4
 //!   to it) are copied out of the tx chain and handed to a [`kiln_mmds::MmdsStack`] instead of
@@ -66,7 +69,7 @@ use vm_memory::volatile_memory::PtrGuard;
 use vm_memory::{Bytes, GuestMemoryBackend};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::queue_util::{drain_queue_until, Chain, QueueError};
+use super::queue_util::{drain_queue_quietly, Chain, QueueError};
 use super::{device_type, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::interrupt::VirtioInterrupt;
 use crate::metrics::{Counter, LatencyAgg};
@@ -661,28 +664,40 @@ impl Net {
         let Some(active) = self.active.as_mut() else { return };
         let (tap, metrics, limiter) = (&self.tap, &*self.metrics, &mut self.tx_limiter);
         let mut mmds = self.mmds.as_mut();
-        let result =
-            drain_queue_until(&mut active.tx, &active.mem, &active.interrupt, |mem, chain| {
-                match mmds.as_deref_mut() {
-                    Some(m) => m.transmit(tap, metrics, limiter, mem, chain),
-                    None => transmit(tap, metrics, limiter, mem, chain),
+        let result = drain_queue_quietly(&mut active.tx, &active.mem, |mem, chain| match mmds.as_deref_mut() {
+            Some(m) => m.transmit(tap, metrics, limiter, mem, chain),
+            None => transmit(tap, metrics, limiter, mem, chain),
+        });
+        let (sent, tx_wants_interrupt) = match result {
+            Ok((d, wants)) => {
+                if d.completed == 0 && !d.deferred {
+                    metrics.no_tx_avail_buffer.inc();
                 }
-            });
-        match result {
-            Ok(d) if d.completed == 0 && !d.deferred => metrics.no_tx_avail_buffer.inc(),
-            Ok(_) => {}
+                (d.completed, wants)
+            }
             Err(e) => {
                 tracing::error!("net {}: tx queue broken: {e}", self.id);
                 metrics.event_fails.inc();
                 self.broken = true;
                 return;
             }
-        }
-        // MMDS may have answers for the guest now.
-        if self.mmds.as_ref().is_some_and(|m| m.stack.has_frames()) {
-            self.process_rx();
+        };
+        // A tap hands what the guest sent to the host's stack within the write, so the answers
+        // (TCP ACKs above all, and MMDS replies) are usually queued by now: deliver them in this
+        // pass, so one interrupt covers both queues instead of one each (under nested
+        // virtualization an interrupt costs the guest several exits).
+        let rx_wants_interrupt = ((sent > 0 && self.tap_readable_now())
+            || self.mmds.as_ref().is_some_and(|m| m.stack.has_frames()))
+            && self.receive_quietly();
+        if tx_wants_interrupt || rx_wants_interrupt {
+            self.signal_used();
         }
         self.rearm_mmds();
+    }
+
+    /// Whether rx may take frames from the tap now (it has buffers and tokens).
+    fn tap_readable_now(&self) -> bool {
+        !self.rx.waiting && !self.rx_limiter.is_blocked()
     }
 
     fn rearm_mmds(&mut self) {
@@ -691,31 +706,36 @@ impl Net {
         }
     }
 
-    fn process_rx(&mut self) {
-        let Some(active) = self.active.as_mut() else { return };
-        let stack = self.mmds.as_mut().map(|m| &mut m.stack);
-        match receive(&self.tap, stack, &mut self.rx, &mut self.rx_limiter, &self.metrics, active) {
-            Ok(delivered) => {
-                if delivered > 0 {
-                    match active.rx.needs_notification(&active.mem) {
-                        Ok(true) => {
-                            if let Err(e) = active.interrupt.signal_used_queue() {
-                                tracing::warn!("net {}: failed to raise the rx interrupt: {e}", self.id);
-                            }
-                        }
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::error!("net {}: rx queue broken: {e}", self.id);
-                            self.broken = true;
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!("net {}: rx queue broken: {e}", self.id);
-                self.broken = true;
+    fn signal_used(&self) {
+        if let Some(active) = &self.active {
+            if let Err(e) = active.interrupt.signal_used_queue() {
+                tracing::warn!("net {}: failed to raise the used-buffer interrupt: {e}", self.id);
             }
         }
+    }
+
+    fn process_rx(&mut self) {
+        if self.receive_quietly() {
+            self.signal_used();
+        }
+    }
+
+    /// Delivers what the tap (and MMDS) has into the rx ring; returns whether the driver wants an
+    /// interrupt for it (raising it is the caller's job).
+    fn receive_quietly(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else { return false };
+        let stack = self.mmds.as_mut().map(|m| &mut m.stack);
+        let delivered = receive(&self.tap, stack, &mut self.rx, &mut self.rx_limiter, &self.metrics, active);
+        let wants = match delivered {
+            Ok(0) => Ok(false),
+            Ok(_) => active.rx.needs_notification(&active.mem).map_err(QueueError::Queue),
+            Err(e) => Err(e),
+        };
+        wants.unwrap_or_else(|e| {
+            tracing::error!("net {}: rx queue broken: {e}", self.id);
+            self.broken = true;
+            false
+        })
     }
 }
 

@@ -335,6 +335,35 @@ fn tx_frames_reach_the_tap_and_batch_one_interrupt() {
 }
 
 #[test]
+fn a_tx_pass_delivers_the_hosts_answers_under_the_same_interrupt() {
+    // With event-idx both queues want an interrupt for their next used buffer (used_event 0).
+    let mut h = harness_with(u64::MAX, 16);
+    h.rx.add_chain(&h.mem, &[(DATA, 2048, F_WRITE)]);
+    let mut msg = vnet_hdr(0).to_vec();
+    msg.extend_from_slice(&frame(1514, 5));
+    h.mem.write_slice(&msg, GuestAddress(DATA + 0x1000)).unwrap();
+    h.tx.add_chain(&h.mem, &[(DATA + 0x1000, msg.len() as u32, 0)]);
+    // The host's answer (an ACK) is queued on the tap by the time the guest's frame is written.
+    let ack = frame(54, 6);
+    h.host_send(&ack);
+    h.net.process_queue(TX_QUEUE);
+    assert_eq!(h.host_recv().unwrap(), msg);
+    assert_eq!(h.tx.take_used(&h.mem), vec![(0, 0)]);
+    assert_eq!(h.rx.take_used(&h.mem), vec![(0, (VNET_HDR_LEN + ack.len()) as u32)], "answer delivered");
+    assert_eq!(bytes(&h.mem, DATA + VNET_HDR_LEN as u64, ack.len()), ack);
+    assert_eq!(h.irq.count(), 1, "one interrupt for both queues");
+    // Nothing is left for the tap event that follows.
+    h.net.process_host_event(TAP_TOKEN);
+    assert_eq!(h.irq.count(), 1);
+    // A tx pass that sent nothing leaves the tap alone.
+    h.rx.add_chain(&h.mem, &[(DATA + 0x2000, 2048, F_WRITE)]);
+    h.host_send(&frame(54, 7));
+    h.net.process_queue(TX_QUEUE);
+    assert_eq!(h.rx.take_used(&h.mem), vec![]);
+    assert_eq!(h.irq.count(), 1);
+}
+
+#[test]
 fn tx_buffers_spanning_memory_regions() {
     let mut h = harness_with(plain(), 16);
     let mut msg = vnet_hdr(0).to_vec();
