@@ -664,10 +664,11 @@ impl Net {
         let Some(active) = self.active.as_mut() else { return };
         let (tap, metrics, limiter) = (&self.tap, &*self.metrics, &mut self.tx_limiter);
         let mut mmds = self.mmds.as_mut();
-        let result = drain_queue_quietly(&mut active.tx, &active.mem, |mem, chain| match mmds.as_deref_mut() {
-            Some(m) => m.transmit(tap, metrics, limiter, mem, chain),
-            None => transmit(tap, metrics, limiter, mem, chain),
-        });
+        let result =
+            drain_queue_quietly(&mut active.tx, &active.mem, |mem, chain| match mmds.as_deref_mut() {
+                Some(m) => m.transmit(tap, metrics, limiter, mem, chain),
+                None => transmit(tap, metrics, limiter, mem, chain),
+            });
         let (sent, tx_wants_interrupt) = match result {
             Ok((d, wants)) => {
                 if d.completed == 0 && !d.deferred {
@@ -708,7 +709,7 @@ impl Net {
 
     fn signal_used(&self) {
         if let Some(active) = &self.active {
-            if let Err(e) = active.interrupt.signal_used_queue() {
+            if let Err(e) = active.interrupt.signal_used_queue_coalesced() {
                 tracing::warn!("net {}: failed to raise the used-buffer interrupt: {e}", self.id);
             }
         }
