@@ -66,6 +66,26 @@ pub fn drain_queue_until<'a>(
 pub fn drain_queue_quietly<'a>(
     queue: &mut Queue,
     mem: &'a GuestMemory,
+    handle: impl FnMut(&'a GuestMemory, Chain<'a>) -> Option<u32>,
+) -> Result<(Drained, bool), QueueError> {
+    drain(queue, mem, true, handle)
+}
+
+/// [`drain_queue_quietly`] that leaves the driver's notifications off: it keeps adding chains
+/// without notifying, so the device must come back to the ring by itself (poll it) and finish
+/// with [`drain_queue_quietly`], which turns them back on and looks once more (race-free).
+pub fn drain_queue_polling<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemory,
+    handle: impl FnMut(&'a GuestMemory, Chain<'a>) -> Option<u32>,
+) -> Result<(Drained, bool), QueueError> {
+    drain(queue, mem, false, handle)
+}
+
+fn drain<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemory,
+    notifications_back_on: bool,
     mut handle: impl FnMut(&'a GuestMemory, Chain<'a>) -> Option<u32>,
 ) -> Result<(Drained, bool), QueueError> {
     let mut completed = 0usize;
@@ -85,7 +105,7 @@ pub fn drain_queue_quietly<'a>(
             popped += 1;
         }
         completed += popped;
-        if !queue.enable_notification(mem).map_err(QueueError::Queue)? {
+        if !notifications_back_on || !queue.enable_notification(mem).map_err(QueueError::Queue)? {
             break;
         }
         if popped == 0 {
