@@ -417,6 +417,15 @@ impl MmdsPath {
     }
 }
 
+/// Reads a fired timerfd's expirations so the (level-triggered) fd stops being readable.
+fn consume_expirations(timer: &mut TimerFd, iface: &str, which: &str) {
+    match timer.wait() {
+        Ok(_) => {}
+        Err(e) if e.errno() == libc::EAGAIN => {}
+        Err(e) => tracing::warn!("net {iface}: reading the {which} timer failed: {e}"),
+    }
+}
+
 /// Copies the start of a chain's buffers into `out`; returns how many bytes it got (fewer
 /// when the chain is shorter or leaves guest memory).
 fn gather(mem: &GuestMemory, descs: &[Descriptor], out: &mut [u8]) -> usize {
@@ -1254,24 +1263,14 @@ impl VirtioDevice for Net {
                 }
             }
             TX_POLL_TOKEN => {
-                // Consume the expiration so the (level-triggered) fd stops being readable.
-                match self.tx_poll.wait() {
-                    Ok(_) => {}
-                    Err(e) if e.errno() == libc::EAGAIN => {}
-                    Err(e) => tracing::warn!("net {}: reading the tx poll timer failed: {e}", self.id),
-                }
+                consume_expirations(&mut self.tx_poll, &self.id, "tx poll");
                 if self.tx_polling {
                     self.process_tx(false);
                 }
             }
             MMDS_TIMER_TOKEN => {
                 if let Some(m) = self.mmds.as_mut() {
-                    // Consume the expiration so the (level-triggered) fd stops being readable.
-                    match m.timer.wait() {
-                        Ok(_) => {}
-                        Err(e) if e.errno() == libc::EAGAIN => {}
-                        Err(e) => tracing::warn!("net {}: reading the MMDS timer failed: {e}", self.id),
-                    }
+                    consume_expirations(&mut m.timer, &self.id, "MMDS");
                     m.stack.poll_timers(Instant::now());
                 }
                 self.process_rx();
