@@ -276,6 +276,14 @@ fn main() -> Result<()> {
 }
 
 fn net_bench(a: &NetArgs) -> Result<()> {
+    if a.mib.saturating_mul(4) > a.mem_mib {
+        bail!(
+            "--mib {} is more than a quarter of --mem-mib {}: the guest keeps what it sends in tmpfs; \
+             raise --mem-mib or lower --mib",
+            a.mib,
+            a.mem_mib
+        );
+    }
     let assets = guest_assets()?;
     let plan = net::NetPlan {
         kiln_vmm: kiln_vmm_binary(a.kiln_vmm.as_ref())?,

@@ -4,8 +4,9 @@
 //!
 //! Inside the lab a tap (`169.254.100.1/30`) is made once. Each VMM boot runs the busybox guest with
 //! `ip=169.254.100.2` and a loop of `rounds` transfers each way: the guest accepts one connection on
-//! port 5001 and discards it (host → guest), then pipes `bytes` of zeros to the host's port 5002
-//! (guest → host). The lab side is `kiln-bench netpump` (this module's [`pump`]): it connects to the
+//! port 5001 and discards it (host → guest), then sends a `bytes`-long file of zeros to the host's
+//! port 5002 (guest → host; `nc < file`, the file made in tmpfs once per boot before the first
+//! round, so nothing but `nc` and the guest's stack run during the transfer). The lab side is `kiln-bench netpump` (this module's [`pump`]): it connects to the
 //! guest and sends, closing its write side and timing until the guest closes (so every byte reached
 //! the guest's reader), and it accepts the guest's connection and times until `bytes` arrived. The
 //! same code times every VMM; boots alternate between VMMs.
@@ -25,6 +26,9 @@ pub const GUEST_IP: &str = "169.254.100.2";
 const LAB_IP: &str = "169.254.100.1";
 const H2G_PORT: u16 = 5001;
 const G2H_PORT: u16 = 5002;
+/// What the guest sends, made once per boot in tmpfs (the init mounts /dev/shm), so the timed
+/// transfer is `nc` alone: no `dd` and pipe competing for the guest's one vCPU.
+const G2H_FILE: &str = "/dev/shm/g2h";
 
 /// One transfer's measurement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -164,8 +168,9 @@ impl NetPlan {
         let count = self.bytes.div_ceil(65536);
         format!(
             "{KERNEL_ARGS} {reboot} ip={GUEST_IP}::{LAB_IP}:255.255.255.252::eth0:off -- \
+             dd if=/dev/zero of={G2H_FILE} bs=65536 count={count} 2>/dev/null; \
              for i in $(seq {r}); do nc -l -p {H2G_PORT} >/dev/null; \
-             dd if=/dev/zero bs=65536 count={count} | nc {LAB_IP} {G2H_PORT}; done",
+             nc {LAB_IP} {G2H_PORT} <{G2H_FILE}; done",
             r = self.rounds
         )
     }
@@ -328,6 +333,10 @@ mod tests {
         // The kernel hands init at most 32 arguments (argv[0] included).
         assert!(after.split_whitespace().count() < 31, "{after}");
         assert!(after.contains("count=1024"));
+        // The timed send is nc reading a file made before the rounds, not a pipe.
+        let (prepare, rounds) = after.split_once("; for i in").unwrap();
+        assert!(prepare.starts_with("dd if=/dev/zero of=/dev/shm/g2h "), "{prepare}");
+        assert!(rounds.contains("nc 169.254.100.1 5002 </dev/shm/g2h;") && !rounds.contains('|'), "{rounds}");
         // QEMU's guest must find its NIC: the device is named before ` -- ` (QEMU's own appending
         // is off), and the rest is the same guest.
         let qemu = p.cmdline(Vmm::Qemu);

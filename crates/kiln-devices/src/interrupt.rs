@@ -46,6 +46,20 @@ impl VirtioInterrupt {
         self.irq.trigger()
     }
 
+    /// Like [`Self::signal_used_queue`], but leaves the line alone while an earlier used-buffer
+    /// interrupt is still unacknowledged (its InterruptStatus bit set): the driver has that one
+    /// coming or is in its handler, which reads the status, acknowledges it and only then looks
+    /// at every queue, so it will see what was just used (the status bit is set after the used
+    /// ring was written, and the acknowledgement that clears it comes after). Returns whether the
+    /// line was raised. Saves the guest a second round of handler exits per burst.
+    pub fn signal_used_queue_coalesced(&self) -> io::Result<bool> {
+        let before = self.status.fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+        if before & VIRTIO_MMIO_INT_VRING != 0 {
+            return Ok(false);
+        }
+        self.irq.trigger().map(|()| true)
+    }
+
     /// Tells the driver the device configuration space changed.
     pub fn signal_config_change(&self) -> io::Result<()> {
         self.status.fetch_or(VIRTIO_MMIO_INT_CONFIG, Ordering::SeqCst);

@@ -11,7 +11,10 @@
 //! - TX (queue 1): on notify, every available chain is checked (device-readable descriptors
 //!   only, at most [`MAX_FRAME_LEN`] plus the header, inside guest memory) and written to the tap
 //!   as one frame with `writev` straight from guest memory. A bad chain or a frame the tap refuses is counted and completed; every chain
-//!   completes with used length 0.
+//!   completes with used length 0. After a pass that sent something, kicks stay off and the ring
+//!   is polled again [`TX_POLL_INTERVAL`] later (a timerfd listed with [`TX_POLL_TOKEN`]) for as
+//!   long as each look finds new frames; the first empty look turns kicks back on and checks once
+//!   more (race-free). A guest streaming data thus exits to kick about once per burst.
 //! - RX (queue 0): when the tap is readable ([`VirtioDevice::host_fds`] lists it with
 //!   [`TAP_TOKEN`]) or the driver adds buffers, frames are read from the tap into available
 //!   chains until the tap is drained. A frame that does not fit (without MRG_RXBUF: in one
@@ -22,8 +25,11 @@
 //!   `ops` token and its length in `bandwidth` tokens. A refused tx chain stays in the ring; a
 //!   refused rx frame stays pending and the tap is not listed. Either resumes when its limiter's
 //!   timer ([`RX_RATE_LIMITER_TOKEN`], [`TX_RATE_LIMITER_TOKEN`]) fires.
-//! - Interrupts: each pass completes everything it can and signals at most once per queue,
-//!   subject to `needs_notification` (VIRTIO_RING_F_EVENT_IDX is offered).
+//! - Interrupts: each pass completes everything it can and signals at most once, subject to
+//!   `needs_notification` (VIRTIO_RING_F_EVENT_IDX is offered). A tx pass that sent frames also
+//!   delivers what is then waiting on the tap (the host's answers, TCP ACKs above all, are queued
+//!   within the write), so one interrupt covers both queues: under nested virtualization each
+//!   interrupt costs the guest several exits.
 //!
 //! - MMDS: with [`Net::attach_mmds`], guest frames for the MMDS address (ARP who-has it, IPv4
 //!   to it) are copied out of the tx chain and handed to a [`kiln_mmds::MmdsStack`] instead of
@@ -33,7 +39,7 @@
 //!   they spend no tx rate-limiter tokens (but wait behind a throttled chain, the ring being in
 //!   order); MMDS answers are received frames and spend rx tokens like tap frames (as in
 //!   Firecracker). Timer tokens: [`TAP_TOKEN`] 0, [`RX_RATE_LIMITER_TOKEN`] 1,
-//!   [`TX_RATE_LIMITER_TOKEN`] 2, [`MMDS_TIMER_TOKEN`] 3.
+//!   [`TX_RATE_LIMITER_TOKEN`] 2, [`MMDS_TIMER_TOKEN`] 3, [`TX_POLL_TOKEN`] 4.
 //!
 //! Everything the guest controls is checked; nothing here panics on guest or tap input.
 //!
@@ -66,7 +72,7 @@ use vm_memory::volatile_memory::PtrGuard;
 use vm_memory::{Bytes, GuestMemoryBackend};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::queue_util::{drain_queue_until, Chain, QueueError};
+use super::queue_util::{drain_queue_polling, drain_queue_quietly, Chain, Drained, QueueError};
 use super::{device_type, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::interrupt::VirtioInterrupt;
 use crate::metrics::{Counter, LatencyAgg};
@@ -88,6 +94,12 @@ pub const RX_RATE_LIMITER_TOKEN: u32 = 1;
 pub const TX_RATE_LIMITER_TOKEN: u32 = 2;
 /// The token of the MMDS stack's retransmission timer in [`VirtioDevice::host_fds`].
 pub const MMDS_TIMER_TOKEN: u32 = 3;
+/// The token of the tx poll timer (kicks are off while it runs; see [`TX_POLL_INTERVAL`]).
+pub const TX_POLL_TOKEN: u32 = 4;
+/// After a tx pass that sent frames, kicks stay off and the ring is looked at again this much
+/// later; a look that finds nothing turns kicks back on. A kick costs the guest an exit, which
+/// under nested virtualization is dear; this is far below TCP's timers.
+pub const TX_POLL_INTERVAL: Duration = Duration::from_micros(250);
 /// `struct virtio_net_hdr_v1`: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
 /// num_buffers.
 pub const VNET_HDR_LEN: usize = 12;
@@ -185,6 +197,8 @@ pub enum NetError {
     InvalidMac { text: String, why: &'static str },
     #[error("MTU {0} is out of range ({MIN_MTU}..=65535)")]
     InvalidMtu(u16),
+    #[error("cannot create the tx poll timer (a timerfd)")]
+    TxPollTimer(#[source] io::Error),
     #[error("cannot create the MMDS retransmission timer")]
     MmdsTimer(#[source] io::Error),
     #[error("{which}: {source}")]
@@ -403,6 +417,15 @@ impl MmdsPath {
     }
 }
 
+/// Reads a fired timerfd's expirations so the (level-triggered) fd stops being readable.
+fn consume_expirations(timer: &mut TimerFd, iface: &str, which: &str) {
+    match timer.wait() {
+        Ok(_) => {}
+        Err(e) if e.errno() == libc::EAGAIN => {}
+        Err(e) => tracing::warn!("net {iface}: reading the {which} timer failed: {e}"),
+    }
+}
+
 /// Copies the start of a chain's buffers into `out`; returns how many bytes it got (fewer
 /// when the chain is shorter or leaves guest memory).
 fn gather(mem: &GuestMemory, descs: &[Descriptor], out: &mut [u8]) -> usize {
@@ -437,6 +460,10 @@ pub struct Net {
     tx_limiter: LimiterSlot,
     metrics: Arc<NetMetrics>,
     mmds: Option<MmdsPath>,
+    /// Fires when the tx ring is due another look ([`TX_POLL_INTERVAL`]).
+    tx_poll: TimerFd,
+    /// Kicks are off and `tx_poll` is armed.
+    tx_polling: bool,
 }
 
 impl std::fmt::Debug for Net {
@@ -473,7 +500,7 @@ impl Net {
             what: "clear offloads",
             source,
         })?;
-        Ok(Self::with_tap(cfg, tap, tap_offloads))
+        Self::with_tap(cfg, tap, tap_offloads)
     }
 
     fn check_config(cfg: &NetConfig) -> Result<(), NetError> {
@@ -497,7 +524,8 @@ impl Net {
         Ok(())
     }
 
-    fn with_tap(cfg: NetConfig, tap: Tap, tap_offloads: u32) -> Net {
+    fn with_tap(cfg: NetConfig, tap: Tap, tap_offloads: u32) -> Result<Net, NetError> {
+        let tx_poll = crate::rate_limiter::nonblocking_timer().map_err(NetError::TxPollTimer)?;
         let mut avail_features = VIRTIO_F_VERSION_1
             | VIRTIO_RING_F_EVENT_IDX
             | VIRTIO_NET_F_STATUS
@@ -526,7 +554,7 @@ impl Net {
         if cfg.mtu.is_some() {
             avail_features |= VIRTIO_NET_F_MTU;
         }
-        Net {
+        Ok(Net {
             id: cfg.id,
             tap,
             mac: cfg.guest_mac,
@@ -547,7 +575,9 @@ impl Net {
             tx_limiter: LimiterSlot::default(),
             metrics: Arc::new(NetMetrics::default()),
             mmds: None,
-        }
+            tx_poll,
+            tx_polling: false,
+        })
     }
 
     /// Routes this interface's frames for the MMDS address to `stack` instead of the tap.
@@ -568,7 +598,7 @@ impl Net {
         Self::check_config(&cfg)?;
         let tap = Tap::from_file(file, &cfg.tap_name);
         let offloads = tap::TUN_F_CSUM | tap::TUN_F_TSO4 | tap::TUN_F_TSO6 | tap::TUN_F_UFO;
-        Ok(Self::with_tap(cfg, tap, offloads))
+        Self::with_tap(cfg, tap, offloads)
     }
 
     pub fn id(&self) -> &str {
@@ -654,35 +684,86 @@ impl Net {
         flags & self.tap_offloads
     }
 
-    fn process_tx(&mut self) {
+    /// Sends what the guest queued. `kicked`: the driver notified (else the poll timer fired or
+    /// the rate limiter let go).
+    fn process_tx(&mut self, kicked: bool) {
         if self.tx_limiter.is_blocked() {
             return;
         }
         let Some(active) = self.active.as_mut() else { return };
         let (tap, metrics, limiter) = (&self.tap, &*self.metrics, &mut self.tx_limiter);
         let mut mmds = self.mmds.as_mut();
-        let result =
-            drain_queue_until(&mut active.tx, &active.mem, &active.interrupt, |mem, chain| {
-                match mmds.as_deref_mut() {
-                    Some(m) => m.transmit(tap, metrics, limiter, mem, chain),
-                    None => transmit(tap, metrics, limiter, mem, chain),
+        let mut send = |mem: &GuestMemory, chain: Chain<'_>| match mmds.as_deref_mut() {
+            Some(m) => m.transmit(tap, metrics, limiter, mem, chain),
+            None => transmit(tap, metrics, limiter, mem, chain),
+        };
+        // Kicks stay off while the guest keeps queueing frames: the ring is looked at again
+        // after TX_POLL_INTERVAL instead, which saves the guest an exit per burst. A look that
+        // finds nothing (or no timer) turns them back on, race-free.
+        let was_polling = std::mem::replace(&mut self.tx_polling, false);
+        let result = match drain_queue_polling(&mut active.tx, &active.mem, &mut send) {
+            Ok((d, wants)) if d.completed > 0 && !d.deferred => {
+                match self.tx_poll.reset(TX_POLL_INTERVAL, None) {
+                    Ok(()) => {
+                        self.tx_polling = true;
+                        Ok((d, wants))
+                    }
+                    Err(e) => {
+                        tracing::warn!("net {}: cannot arm the tx poll timer: {e}", self.id);
+                        drain_queue_quietly(&mut active.tx, &active.mem, &mut send).map(|(more, w)| {
+                            (Drained { completed: d.completed + more.completed, ..more }, wants || w)
+                        })
+                    }
                 }
-            });
-        match result {
-            Ok(d) if d.completed == 0 && !d.deferred => metrics.no_tx_avail_buffer.inc(),
-            Ok(_) => {}
+            }
+            Ok((d, _)) if d.completed == 0 && !d.deferred => {
+                drain_queue_quietly(&mut active.tx, &active.mem, &mut send)
+            }
+            other => other,
+        };
+        if was_polling && !self.tx_polling {
+            // (It fired already when the poll called us; not when a kick came first.)
+            if let Err(e) = self.tx_poll.clear() {
+                tracing::warn!("net {}: cannot disarm the tx poll timer: {e}", self.id);
+            }
+        }
+        let (sent, tx_wants_interrupt) = match result {
+            Ok((d, wants)) => {
+                if kicked && d.completed == 0 && !d.deferred {
+                    metrics.no_tx_avail_buffer.inc();
+                }
+                (d.completed, wants)
+            }
             Err(e) => {
                 tracing::error!("net {}: tx queue broken: {e}", self.id);
                 metrics.event_fails.inc();
                 self.broken = true;
                 return;
             }
-        }
-        // MMDS may have answers for the guest now.
-        if self.mmds.as_ref().is_some_and(|m| m.stack.has_frames()) {
-            self.process_rx();
+        };
+        // A tap hands what the guest sent to the host's stack within the write, so the answers
+        // (TCP ACKs above all, and MMDS replies) are usually queued by now: deliver them in this
+        // pass, so one interrupt covers both queues instead of one each (under nested
+        // virtualization an interrupt costs the guest several exits).
+        let rx_wants_interrupt = ((sent > 0 && self.tap_readable_now())
+            || self.mmds.as_ref().is_some_and(|m| m.stack.has_frames()))
+            && self.receive_quietly();
+        if tx_wants_interrupt || rx_wants_interrupt {
+            self.signal_used();
         }
         self.rearm_mmds();
+    }
+
+    fn stop_tx_polling(&mut self) {
+        self.tx_polling = false;
+        if let Err(e) = self.tx_poll.clear() {
+            tracing::warn!("net {}: cannot disarm the tx poll timer: {e}", self.id);
+        }
+    }
+
+    /// Whether rx may take frames from the tap now (it has buffers and tokens).
+    fn tap_readable_now(&self) -> bool {
+        !self.rx.waiting && !self.rx_limiter.is_blocked()
     }
 
     fn rearm_mmds(&mut self) {
@@ -691,31 +772,36 @@ impl Net {
         }
     }
 
-    fn process_rx(&mut self) {
-        let Some(active) = self.active.as_mut() else { return };
-        let stack = self.mmds.as_mut().map(|m| &mut m.stack);
-        match receive(&self.tap, stack, &mut self.rx, &mut self.rx_limiter, &self.metrics, active) {
-            Ok(delivered) => {
-                if delivered > 0 {
-                    match active.rx.needs_notification(&active.mem) {
-                        Ok(true) => {
-                            if let Err(e) = active.interrupt.signal_used_queue() {
-                                tracing::warn!("net {}: failed to raise the rx interrupt: {e}", self.id);
-                            }
-                        }
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::error!("net {}: rx queue broken: {e}", self.id);
-                            self.broken = true;
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!("net {}: rx queue broken: {e}", self.id);
-                self.broken = true;
+    fn signal_used(&self) {
+        if let Some(active) = &self.active {
+            if let Err(e) = active.interrupt.signal_used_queue_coalesced() {
+                tracing::warn!("net {}: failed to raise the used-buffer interrupt: {e}", self.id);
             }
         }
+    }
+
+    fn process_rx(&mut self) {
+        if self.receive_quietly() {
+            self.signal_used();
+        }
+    }
+
+    /// Delivers what the tap (and MMDS) has into the rx ring; returns whether the driver wants an
+    /// interrupt for it (raising it is the caller's job).
+    fn receive_quietly(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else { return false };
+        let stack = self.mmds.as_mut().map(|m| &mut m.stack);
+        let delivered = receive(&self.tap, stack, &mut self.rx, &mut self.rx_limiter, &self.metrics, active);
+        let wants = match delivered {
+            Ok(0) => Ok(false),
+            Ok(_) => active.rx.needs_notification(&active.mem).map_err(QueueError::Queue),
+            Err(e) => Err(e),
+        };
+        wants.unwrap_or_else(|e| {
+            tracing::error!("net {}: rx queue broken: {e}", self.id);
+            self.broken = true;
+            false
+        })
     }
 }
 
@@ -1087,6 +1173,7 @@ impl VirtioDevice for Net {
         self.broken = false;
         self.rx.pending = None;
         self.rx.waiting = false;
+        self.stop_tx_polling();
         self.active = Some(Active { mem, interrupt, rx, tx, mergeable });
         Ok(())
     }
@@ -1105,7 +1192,7 @@ impl VirtioDevice for Net {
             }
             TX_QUEUE => {
                 self.metrics.tx_queue_event_count.inc();
-                self.process_tx();
+                self.process_tx(true);
             }
             _ => {}
         }
@@ -1113,6 +1200,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) -> bool {
         self.active = None;
+        self.stop_tx_polling();
         self.acked_features = 0;
         self.broken = false;
         self.rx.pending = None;
@@ -1145,6 +1233,8 @@ impl VirtioDevice for Net {
         }
         fds.extend(self.rx_limiter.host_fd(RX_RATE_LIMITER_TOKEN));
         fds.extend(self.tx_limiter.host_fd(TX_RATE_LIMITER_TOKEN));
+        // Listed while active (readable only when armed), so the set does not churn per pass.
+        fds.push((self.tx_poll.as_raw_fd(), TX_POLL_TOKEN));
         if let Some(m) = &self.mmds {
             fds.push((m.timer.as_raw_fd(), MMDS_TIMER_TOKEN));
         }
@@ -1169,17 +1259,18 @@ impl VirtioDevice for Net {
             TX_RATE_LIMITER_TOKEN => {
                 self.metrics.tx_rate_limiter_event_count.inc();
                 if self.tx_limiter.timer_fired() {
-                    self.process_tx();
+                    self.process_tx(false);
+                }
+            }
+            TX_POLL_TOKEN => {
+                consume_expirations(&mut self.tx_poll, &self.id, "tx poll");
+                if self.tx_polling {
+                    self.process_tx(false);
                 }
             }
             MMDS_TIMER_TOKEN => {
                 if let Some(m) = self.mmds.as_mut() {
-                    // Consume the expiration so the (level-triggered) fd stops being readable.
-                    match m.timer.wait() {
-                        Ok(_) => {}
-                        Err(e) if e.errno() == libc::EAGAIN => {}
-                        Err(e) => tracing::warn!("net {}: reading the MMDS timer failed: {e}", self.id),
-                    }
+                    consume_expirations(&mut m.timer, &self.id, "MMDS");
                     m.stack.poll_timers(Instant::now());
                 }
                 self.process_rx();

@@ -48,8 +48,46 @@ pub fn drain_queue_until<'a>(
     queue: &mut Queue,
     mem: &'a GuestMemory,
     interrupt: &VirtioInterrupt,
-    mut handle: impl FnMut(&'a GuestMemory, Chain<'a>) -> Option<u32>,
+    handle: impl FnMut(&'a GuestMemory, Chain<'a>) -> Option<u32>,
 ) -> Result<Drained, QueueError> {
+    let (drained, wants_interrupt) = drain_queue_quietly(queue, mem, handle)?;
+    if wants_interrupt {
+        if let Err(e) = interrupt.signal_used_queue() {
+            tracing::warn!("virtio: failed to raise the used-buffer interrupt: {e}");
+        }
+    }
+    Ok(drained)
+}
+
+/// [`drain_queue_until`] without the interrupt: also returns whether the driver wants a
+/// used-buffer interrupt for what was completed (`needs_notification`, so with event-idx the
+/// answer is consumed: raise it). For devices that batch several queues' completions into one
+/// interrupt.
+pub fn drain_queue_quietly<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemory,
+    handle: impl FnMut(&'a GuestMemory, Chain<'a>) -> Option<u32>,
+) -> Result<(Drained, bool), QueueError> {
+    drain(queue, mem, true, handle)
+}
+
+/// [`drain_queue_quietly`] that leaves the driver's notifications off: it keeps adding chains
+/// without notifying, so the device must come back to the ring by itself (poll it) and finish
+/// with [`drain_queue_quietly`], which turns them back on and looks once more (race-free).
+pub fn drain_queue_polling<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemory,
+    handle: impl FnMut(&'a GuestMemory, Chain<'a>) -> Option<u32>,
+) -> Result<(Drained, bool), QueueError> {
+    drain(queue, mem, false, handle)
+}
+
+fn drain<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemory,
+    notifications_back_on: bool,
+    mut handle: impl FnMut(&'a GuestMemory, Chain<'a>) -> Option<u32>,
+) -> Result<(Drained, bool), QueueError> {
     let mut completed = 0usize;
     let mut deferred = false;
     'passes: loop {
@@ -67,7 +105,7 @@ pub fn drain_queue_until<'a>(
             popped += 1;
         }
         completed += popped;
-        if !queue.enable_notification(mem).map_err(QueueError::Queue)? {
+        if !notifications_back_on || !queue.enable_notification(mem).map_err(QueueError::Queue)? {
             break;
         }
         if popped == 0 {
@@ -81,12 +119,8 @@ pub fn drain_queue_until<'a>(
             }
         }
     }
-    if completed > 0 && queue.needs_notification(mem).map_err(QueueError::Queue)? {
-        if let Err(e) = interrupt.signal_used_queue() {
-            tracing::warn!("virtio: failed to raise the used-buffer interrupt: {e}");
-        }
-    }
-    Ok(Drained { completed, deferred })
+    let wants_interrupt = completed > 0 && queue.needs_notification(mem).map_err(QueueError::Queue)?;
+    Ok((Drained { completed, deferred }, wants_interrupt))
 }
 
 /// Hand-built split virtqueues in guest memory, for device tests.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::interrupt::CountingIrq;
+use crate::interrupt::{CountingIrq, VIRTIO_MMIO_INT_VRING};
 use kiln_mmds::MmdsStack;
 
 const F_NEXT: u16 = 1;
@@ -192,6 +192,23 @@ impl H {
         self.net.host_fds().iter().any(|&(_, t)| t == TAP_TOKEN)
     }
 
+    fn tap_fd(&self) -> RawFd {
+        self.net.tap.raw_fd()
+    }
+
+    /// Kicks are off: the device looks at the tx ring again when its poll timer fires.
+    fn tx_polling(&self) -> bool {
+        let listed = self.net.host_fds().iter().any(|&(_, t)| t == TX_POLL_TOKEN);
+        let armed = self.net.tx_poll.is_armed().unwrap();
+        assert_eq!(self.net.tx_polling, armed, "the flag follows the timer");
+        listed && armed
+    }
+
+    /// The poll timer fires (the test does not wait for it).
+    fn tx_poll_fires(&mut self) {
+        self.net.process_host_event(TX_POLL_TOKEN);
+    }
+
     /// The host sends a frame towards the guest (vnet header + frame).
     fn host_send(&self, frame: &[u8]) -> Vec<u8> {
         let mut msg = vnet_hdr(0).to_vec();
@@ -332,6 +349,80 @@ fn tx_frames_reach_the_tap_and_batch_one_interrupt() {
     assert!(h.host_recv().is_none());
     let m = h.net.metrics().snapshot();
     assert_eq!((m.tx_packets, m.tx_bytes, m.tx_dropped), (3, 60 + 1514 * 2, 0));
+}
+
+#[test]
+fn a_tx_pass_delivers_the_hosts_answers_under_the_same_interrupt() {
+    // With event-idx both queues want an interrupt for their next used buffer (used_event 0).
+    let mut h = harness_with(u64::MAX, 16);
+    h.rx.add_chain(&h.mem, &[(DATA, 2048, F_WRITE)]);
+    let mut msg = vnet_hdr(0).to_vec();
+    msg.extend_from_slice(&frame(1514, 5));
+    h.mem.write_slice(&msg, GuestAddress(DATA + 0x1000)).unwrap();
+    h.tx.add_chain(&h.mem, &[(DATA + 0x1000, msg.len() as u32, 0)]);
+    // The host's answer (an ACK) is queued on the tap by the time the guest's frame is written.
+    let ack = frame(54, 6);
+    h.host_send(&ack);
+    h.net.process_queue(TX_QUEUE);
+    assert_eq!(h.host_recv().unwrap(), msg);
+    assert_eq!(h.tx.take_used(&h.mem), vec![(0, 0)]);
+    assert_eq!(h.rx.take_used(&h.mem), vec![(0, (VNET_HDR_LEN + ack.len()) as u32)], "answer delivered");
+    assert_eq!(bytes(&h.mem, DATA + VNET_HDR_LEN as u64, ack.len()), ack);
+    assert_eq!(h.irq.count(), 1, "one interrupt for both queues");
+    // Nothing is left for the tap event that follows.
+    h.net.process_host_event(TAP_TOKEN);
+    assert_eq!(h.irq.count(), 1);
+    // A tx pass that sent nothing leaves the tap alone.
+    h.rx.add_chain(&h.mem, &[(DATA + 0x2000, 2048, F_WRITE)]);
+    h.host_send(&frame(54, 7));
+    h.net.process_queue(TX_QUEUE);
+    assert_eq!(h.rx.take_used(&h.mem), vec![]);
+    assert_eq!(h.irq.count(), 1);
+}
+
+/// The driver's avail_event (event-idx): it notifies when it publishes the chain at that index.
+fn avail_event(h: &H) -> u16 {
+    u16::from_le(h.mem.read_obj(GuestAddress(h.tx.used() + 4 + 8 * u64::from(h.tx.size))).unwrap())
+}
+
+#[test]
+fn tx_keeps_kicks_off_and_polls_the_ring_while_the_guest_keeps_sending() {
+    let mut h = harness_with(u64::MAX, 16);
+    let mut msg = vnet_hdr(0).to_vec();
+    msg.extend_from_slice(&frame(1514, 8));
+    h.mem.write_slice(&msg, GuestAddress(DATA)).unwrap();
+    // The driver publishes chain 0 and kicks (avail_event 0 asked for it).
+    assert_eq!(avail_event(&h), 0);
+    h.tx.add_chain(&h.mem, &[(DATA, msg.len() as u32, 0)]);
+    h.net.process_queue(TX_QUEUE);
+    assert_eq!(h.tx.take_used(&h.mem), vec![(0, 0)]);
+    assert_eq!(h.host_recv().unwrap(), msg);
+    // Kicks stay off: avail_event was not moved on, so chain 1 comes without a kick...
+    assert!(h.tx_polling());
+    assert_eq!(avail_event(&h), 0);
+    h.tx.add_chain(&h.mem, &[(DATA, msg.len() as u32, 0)]);
+    h.tx.add_chain(&h.mem, &[(DATA, msg.len() as u32, 0)]);
+    // ...and the poll takes both.
+    h.tx_poll_fires();
+    assert_eq!(h.tx.take_used(&h.mem), vec![(1, 0), (2, 0)]);
+    assert_eq!((h.host_recv().unwrap(), h.host_recv().unwrap()), (msg.clone(), msg.clone()));
+    assert!(h.tx_polling());
+    assert_eq!(avail_event(&h), 0);
+    // A poll that finds nothing turns kicks back on: the next chain (3) will notify.
+    h.tx_poll_fires();
+    assert!(!h.tx_polling());
+    assert_eq!(avail_event(&h), 3);
+    assert!(h.host_recv().is_none());
+    let m = h.net.metrics();
+    assert_eq!(m.no_tx_avail_buffer.get(), 0, "polls are not kicks");
+    assert_eq!(m.tx_packets.get(), 3);
+    // A stale timer expiry after that does nothing.
+    h.tx.add_chain(&h.mem, &[(DATA, msg.len() as u32, 0)]);
+    h.tx_poll_fires();
+    assert_eq!(h.tx.take_used(&h.mem), vec![]);
+    h.net.process_queue(TX_QUEUE);
+    assert_eq!(h.tx.take_used(&h.mem), vec![(3, 0)]);
+    assert!(h.tx_polling());
 }
 
 #[test]
@@ -616,9 +707,9 @@ fn through_the_mmio_transport() {
     w(&mut t, 0x70, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
     assert!(t.is_activated());
     assert_ne!(t.acked_features() & VIRTIO_NET_F_MRG_RXBUF, 0);
-    let fds = t.host_fds();
-    assert_eq!(fds.len(), 1);
-    assert_eq!(fds[0].1, TAP_TOKEN);
+    let mut tokens: Vec<u32> = t.host_fds().iter().map(|&(_, t)| t).collect();
+    tokens.sort();
+    assert_eq!(tokens, [TAP_TOKEN, TX_POLL_TOKEN]);
 
     // tx through the notify register.
     let mut msg = vnet_hdr(0).to_vec();
@@ -631,14 +722,27 @@ fn through_the_mmio_transport() {
     let n = host.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], &msg[..]);
     assert_eq!(irq.count(), 1);
+    assert_eq!(r(&mut t, 0x60), VIRTIO_MMIO_INT_VRING);
 
-    // rx through a host event.
+    // rx through a host event, before the driver acknowledged the interrupt: the pending one
+    // covers it (the driver looks at every queue after acknowledging).
     rx.add_chain(&mem, &[(DATA + 0x1000, 1526, F_WRITE)]);
     host.send(&msg).unwrap();
     t.host_event(TAP_TOKEN);
     assert_eq!(rx.take_used(&mem), vec![(0, msg.len() as u32)]);
+    assert_eq!(irq.count(), 1);
+    // Acknowledged: the next used buffer raises the line again.
+    w(&mut t, 0x64, VIRTIO_MMIO_INT_VRING);
+    assert_eq!(r(&mut t, 0x60), 0);
+    // (With event-idx the driver asks for an interrupt at the next used rx buffer: used_event 1.)
+    mem.write_obj(1u16.to_le(), GuestAddress(rx.avail() + 4 + 2 * 16)).unwrap();
+    rx.add_chain(&mem, &[(DATA + 0x2000, 1526, F_WRITE)]);
+    host.send(&msg).unwrap();
+    t.host_event(TAP_TOKEN);
+    assert_eq!(rx.take_used(&mem), vec![(1, msg.len() as u32)]);
     assert_eq!(irq.count(), 2);
-    assert_eq!(t.device_as_mut::<Net>().unwrap().metrics().snapshot().rx_packets, 1);
+    assert_eq!(r(&mut t, 0x60), VIRTIO_MMIO_INT_VRING);
+    assert_eq!(t.device_as_mut::<Net>().unwrap().metrics().snapshot().rx_packets, 2);
 
     // Driver reset: nothing is watched any more.
     w(&mut t, 0x70, 0);
@@ -870,12 +974,12 @@ mod real_tap {
             assert!(!h.net.needs_reset());
 
             // Host -> guest, with no rx buffers yet: the frame waits, the tap is not watched.
-            let tap_fd = h.net.host_fds()[0].0;
+            let tap_fd = h.tap_fd();
             let guest_port = 5555;
             sock.send_to(b"hello guest", SocketAddrV4::new(GUEST_IP, guest_port)).unwrap();
             assert!(wait_readable(tap_fd), "the tap became readable");
             h.net.process_host_event(TAP_TOKEN);
-            assert!(h.net.host_fds().is_empty());
+            assert!(!h.tap_listed());
             assert_eq!(h.net.metrics().snapshot().rx_no_buffers, 1);
 
             // Buffers arrive (mergeable, 1526 bytes each as Linux posts them).
@@ -883,7 +987,7 @@ mod real_tap {
                 h.rx.add_chain(&h.mem, &[(DATA + 0x1_0000 + i * 0x1000, 1526, F_WRITE)]);
             }
             h.net.process_queue(RX_QUEUE);
-            assert_eq!(h.net.host_fds(), vec![(tap_fd, TAP_TOKEN)]);
+            assert!(h.tap_listed());
             let used = h.rx.take_used(&h.mem);
             assert_eq!(used.len(), 1, "{used:?}");
             let (id, len) = used[0];
@@ -938,7 +1042,7 @@ mod real_tap {
             // buffers; either way all the bytes come through and nothing is dropped.
             let sock = UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0)).unwrap();
             sock.send_to(&vec![0xab; 20_000], SocketAddrV4::new(GUEST_IP, 7)).unwrap();
-            let tap_fd = h.net.host_fds()[0].0;
+            let tap_fd = h.tap_fd();
             if !wait_readable(tap_fd) {
                 let out = Command::new("ip").args(["-s", "link", "show", TAP]).output().unwrap();
                 panic!("{}", String::from_utf8_lossy(&out.stdout));
