@@ -201,14 +201,15 @@ pub fn poll_events(fd: RawFd, timeout_ms: i32) -> io::Result<i16> {
     Ok(p.revents)
 }
 
-/// Asks for SIGIO to this process when `fd` changes state (O_ASYNC with us as the owner): a
-/// virtio-serial port signals its host connecting and data arriving.
-pub fn signal_io_to_self(fd: RawFd) -> io::Result<()> {
+/// With `on`, asks for SIGIO to this process when `fd` changes state (O_ASYNC with us as the
+/// owner: a virtio-serial port signals its host connecting and data arriving); without, stops it.
+pub fn signal_io_to_self(fd: RawFd, on: bool) -> io::Result<()> {
     // SAFETY: fcntl on a caller-owned fd with integer arguments only.
     unsafe {
         check(libc::fcntl(fd, libc::F_SETOWN, libc::getpid()))?;
         let flags = check(libc::fcntl(fd, libc::F_GETFL))?;
-        check(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_ASYNC))?;
+        let flags = if on { flags | libc::O_ASYNC } else { flags & !libc::O_ASYNC };
+        check(libc::fcntl(fd, libc::F_SETFL, flags))?;
     }
     Ok(())
 }

@@ -146,7 +146,7 @@ pub fn serve_virtio_port(agent: Arc<Agent>, name: String) {
     // The port reports POLLHUP at once while no host is connected, so poll cannot wait for one;
     // SIGIO (the signal thread calls virtio_host_event) says when one connects or writes. Without
     // it, a slow re-poll.
-    let woken_by_sigio = match sys::signal_io_to_self(port.as_raw_fd()) {
+    let woken_by_sigio = match sys::signal_io_to_self(port.as_raw_fd(), true) {
         Ok(()) => true,
         Err(e) => {
             tracing::info!("no SIGIO from {}: {e}; polling for the host instead", path.display());
@@ -155,19 +155,29 @@ pub fn serve_virtio_port(agent: Arc<Agent>, name: String) {
     };
     loop {
         let seen = host_events();
-        // POLLHUP while no host is connected; POLLIN once one has sent something.
+        // POLLHUP while no host is connected — with POLLIN too, since a read would not block (it
+        // returns end-of-file): so POLLHUP is looked at first. POLLIN alone: a host sent something.
         match sys::poll_events(port.as_raw_fd(), 1000) {
+            Ok(ev) if ev & libc::POLLHUP != 0 => {
+                let wait = if woken_by_sigio { HOST_WAIT_WITH_SIGIO } else { HOST_POLL_INTERVAL };
+                wait_for_host_event(seen, wait);
+            }
             Ok(ev) if ev & libc::POLLIN != 0 => match port.try_clone() {
-                Ok(f) => server::serve(&agent, f, true),
+                Ok(f) => {
+                    // No SIGIO per message while serving (it would wake every port's thread).
+                    if woken_by_sigio {
+                        let _ = sys::signal_io_to_self(port.as_raw_fd(), false);
+                    }
+                    server::serve(&agent, f, true);
+                    if woken_by_sigio {
+                        let _ = sys::signal_io_to_self(port.as_raw_fd(), true);
+                    }
+                }
                 Err(e) => {
                     tracing::warn!("virtio port: {e}");
                     return;
                 }
             },
-            Ok(ev) if ev & libc::POLLHUP != 0 => {
-                let wait = if woken_by_sigio { HOST_WAIT_WITH_SIGIO } else { HOST_POLL_INTERVAL };
-                wait_for_host_event(seen, wait);
-            }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!("poll on {}: {e}", path.display());
