@@ -502,13 +502,13 @@ impl Client {
         }
     }
 
-    /// What the agent said in the handshake.
     /// Keeps `guard` until the connection and every process on it are dropped (e.g. the lock on the
     /// transport port this connection uses).
     pub fn hold(&self, guard: impl std::any::Any + Send) {
         lock(&self.shared.held).push(Box::new(guard));
     }
 
+    /// What the agent said in the handshake.
     pub fn welcome(&self) -> &Welcome {
         &self.welcome
     }
@@ -522,7 +522,11 @@ impl Client {
 
     /// A request answered by one message: returns it, or the agent's error.
     fn call(&self, msg: &Message, timeout: Option<Duration>) -> Result<Message, ClientError> {
-        let h = self.open(msg)?;
+        Self::reply(&self.open(msg)?, timeout)
+    }
+
+    /// The one message answering the request sent on `h`, or the agent's error.
+    fn reply(h: &StreamHandle, timeout: Option<Duration>) -> Result<Message, ClientError> {
         match h.next_control(timeout)? {
             Message::Error { message } => Err(ClientError::Remote(message)),
             m => Ok(m),
@@ -530,7 +534,12 @@ impl Client {
     }
 
     fn expect_ok(&self, msg: &Message) -> Result<(), ClientError> {
-        match self.call(msg, None)? {
+        Self::ok_reply(&self.open(msg)?)
+    }
+
+    /// Ok as the answer to the request sent on `h`.
+    fn ok_reply(h: &StreamHandle) -> Result<(), ClientError> {
+        match Self::reply(h, None)? {
             Message::Ok => Ok(()),
             m => Err(ClientError::Unexpected { expected: "Ok", got: m.name() }),
         }
@@ -577,11 +586,7 @@ impl Client {
         self.require_minor(1, "Configure")?;
         let configure = self.open(&Message::Configure(Box::new(config)))?;
         let attach = self.open(&Message::AttachMain)?;
-        match configure.next_control(None)? {
-            Message::Ok => {}
-            Message::Error { message } => return Err(ClientError::Remote(message)),
-            m => return Err(ClientError::Unexpected { expected: "Ok", got: m.name() }),
-        }
+        Self::ok_reply(&configure)?;
         Self::started(attach)
     }
 

@@ -194,9 +194,13 @@ fn run_agent(args: Args, role: Role) -> ! {
             }
             if !args.no_virtio_port {
                 // `kiln.agent` and its siblings `kiln.agent.1`, ...: one host per port at a time.
-                for name in transport::virtio_port_family(&args.virtio_port) {
+                let ports = transport::virtio_port_family(&args.virtio_port);
+                if ports.is_empty() {
+                    tracing::info!("no virtio-serial port named {}", args.virtio_port);
+                }
+                for (name, path) in ports {
                     let a = agent.clone();
-                    std::thread::spawn(move || transport::serve_virtio_port(a, name));
+                    std::thread::spawn(move || transport::serve_virtio_port(a, name, path));
                 }
             }
         }

@@ -87,23 +87,21 @@ fn wait_for_host_event(seen: u64, timeout: Duration) {
     let _ = cond.wait_timeout_while(guard, timeout, |n| *n == seen);
 }
 
-/// The names of the guest's virtio-serial ports called `base` or `base.N` (sorted), or just `base`
-/// when none is found (its thread then says so).
-pub fn virtio_port_family(base: &str) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir("/sys/class/virtio-ports")
+/// The guest's virtio-serial ports called `base` or `base.N`, sorted by name, with their `/dev`
+/// nodes: one look at sysfs (udev's /dev/virtio-ports links are not there without udev).
+pub fn virtio_port_family(base: &str) -> Vec<(String, PathBuf)> {
+    let mut ports: Vec<(String, PathBuf)> = std::fs::read_dir("/sys/class/virtio-ports")
         .map(|dir| {
             dir.flatten()
-                .filter_map(|e| std::fs::read_to_string(e.path().join("name")).ok())
-                .map(|n| n.trim().to_string())
-                .filter(|n| is_in_family(n, base))
+                .filter_map(|e| {
+                    let name = std::fs::read_to_string(e.path().join("name")).ok()?.trim().to_string();
+                    is_in_family(&name, base).then(|| (name, Path::new("/dev").join(e.file_name())))
+                })
                 .collect()
         })
         .unwrap_or_default();
-    names.sort();
-    if names.is_empty() {
-        names.push(base.to_string());
-    }
-    names
+    ports.sort();
+    ports
 }
 
 fn is_in_family(name: &str, base: &str) -> bool {
@@ -114,27 +112,9 @@ fn is_in_family(name: &str, base: &str) -> bool {
             .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// The `/dev` node of the virtio-serial port called `name` (udev's /dev/virtio-ports/<name>
-/// symlink is not there without udev, so sysfs is searched).
-pub fn find_virtio_port(name: &str) -> Option<PathBuf> {
-    let link = Path::new("/dev/virtio-ports").join(name);
-    if link.exists() {
-        return Some(link);
-    }
-    let dir = std::fs::read_dir("/sys/class/virtio-ports").ok()?;
-    dir.flatten().find_map(|e| {
-        let port_name = std::fs::read_to_string(e.path().join("name")).ok()?;
-        (port_name.trim() == name).then(|| Path::new("/dev").join(e.file_name()))
-    })
-}
-
-/// Serves the virtio-serial port `name`: one host at a time; when the host side closes, waits
-/// for it to connect again.
-pub fn serve_virtio_port(agent: Arc<Agent>, name: String) {
-    let Some(path) = find_virtio_port(&name) else {
-        tracing::info!("no virtio-serial port named {name}");
-        return;
-    };
+/// Serves the virtio-serial port `name` (its `/dev` node `path`): one host at a time; when the
+/// host side closes, waits for it to connect again.
+pub fn serve_virtio_port(agent: Arc<Agent>, name: String, path: PathBuf) {
     let port = match OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(&path) {
         Ok(f) => f,
         Err(e) => {

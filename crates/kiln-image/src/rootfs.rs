@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::error::{io_err, ImageError, Result};
+use crate::unpack::is_dir_at;
 use crate::unpack::root::{archive_path_components, RootDir};
 use crate::unpack::{Fixup, NodeKind, UnpackOptions};
 
@@ -60,7 +61,6 @@ impl RootfsOptions {
     /// content: hashing the agent on every `kiln run` would cost more than the cache saves).
     pub fn cache_variant(&self) -> String {
         use sha2::Digest as _;
-        use std::os::unix::fs::MetadataExt as _;
         let mut variant = format!(
             "h{}m-p{}-{}",
             self.headroom_bytes / MIB,
@@ -91,7 +91,7 @@ pub fn add_files(
     privileged: bool,
     fixups: &mut Vec<Fixup>,
 ) -> Result<()> {
-    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    use rustix::fs::{AtFlags, Mode, OFlags};
     use std::os::fd::OwnedFd;
     let root = RootDir::open(staging).map_err(io_err("opening staging directory", staging))?;
     for file in files {
@@ -106,13 +106,12 @@ pub fn add_files(
             return Err(unsafe_path("not a file path".into()));
         }
         let (dir, name) = root.resolve_parent(&components, true).map_err(|e| unsafe_path(e.to_string()))?;
-        match rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
-                return Err(unsafe_path("the image has a directory there".into()))
-            }
-            Ok(_) => rustix::fs::unlinkat(&dir, &name, AtFlags::empty())
-                .map_err(|e| unsafe_path(format!("removing what the image has there: {e}")))?,
-            Err(_) => {}
+        if is_dir_at(&dir, &name) {
+            return Err(unsafe_path("the image has a directory there".into()));
+        }
+        match rustix::fs::unlinkat(&dir, &name, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(unsafe_path(format!("removing what the image has there: {e}"))),
         }
         let fd: OwnedFd = rustix::fs::openat(
             &dir,
@@ -128,8 +127,7 @@ pub fn add_files(
         rustix::fs::fchmod(&dest, Mode::from_raw_mode(file.mode & 0o7777))
             .map_err(|e| unsafe_path(format!("setting its mode: {e}")))?;
         if !privileged {
-            let path = file.guest_path.trim_start_matches('/').as_bytes().to_vec();
-            fixups.push(Fixup::Owner { path, uid: 0, gid: 0 });
+            fixups.push(Fixup::Owner { path: relative.as_bytes().to_vec(), uid: 0, gid: 0 });
         }
     }
     Ok(())

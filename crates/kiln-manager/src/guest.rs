@@ -9,7 +9,7 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use kiln_agent_proto::{GuestConfig, MainConfig, PoweroffMethod, Timestamp, WindowSize};
+use kiln_agent_proto::{GuestConfig, MainConfig, Timestamp, WindowSize};
 use kiln_hypervisor::BackendKind;
 use kiln_image::store::write_atomic;
 use kiln_image::{AddedFile, RootfsOptions};
@@ -21,9 +21,6 @@ use crate::record::{MainProcess, VmEntry};
 pub const AGENT_GUEST_PATH: &str = "/sbin/kiln-agent";
 /// `KILN_AGENT_BIN`: the static agent binary to inject.
 pub const AGENT_BIN_ENV: &str = "KILN_AGENT_BIN";
-/// How long the agent waits for a connected host to collect the main process's exit before it
-/// powers the guest off by itself.
-const EXIT_LINGER_MS: u64 = 3000;
 
 /// Root filesystem options that add `agent` at [`AGENT_GUEST_PATH`]: every VM of an image shares
 /// one cached root filesystem with the agent in it (per agent build), so creating a VM copies a
@@ -68,11 +65,11 @@ pub fn guest_config(entry: &VmEntry, boot: &BootSettings) -> GuestConfig {
     GuestConfig {
         hostname: Some(entry.name.clone()),
         main: Some(MainConfig { exec, wait_for_attach: boot.wait_for_attach }),
-        poweroff: PoweroffMethod::Reboot,
-        exit_linger_ms: EXIT_LINGER_MS,
         time: Some(Timestamp::of(std::time::SystemTime::now())),
         authorized_keys: boot.ssh_public_key.clone(),
         nameservers: boot.nameservers.iter().map(ToString::to_string).collect(),
+        // Power-off by reboot (kiln's microVMs end on it) and the agent's exit linger.
+        ..GuestConfig::default()
     }
 }
 

@@ -434,9 +434,24 @@ impl Manager {
         boot: &BootSettings,
     ) -> Result<Option<(Client, Process)>> {
         let client = self.connect_agent(entry, vm, AGENT_BOOT_TIMEOUT)?;
+        let process = self.send_boot_config(&client, entry, boot)?;
+        Ok(process.map(|p| {
+            phase!("agent: main process attached");
+            (client, p)
+        }))
+    }
+
+    /// Gives the agent this boot's configuration unless it has one already, and with
+    /// `boot.wait_for_attach` attaches to the main process (in the same round trip).
+    fn send_boot_config(
+        &self,
+        client: &Client,
+        entry: &VmEntry,
+        boot: &BootSettings,
+    ) -> Result<Option<Process>> {
         let agent_err = |source| ManagerError::Agent { name: entry.name.clone(), source };
         let config = guest::guest_config(entry, boot);
-        let process = match (client.welcome().configured, boot.wait_for_attach) {
+        Ok(match (client.welcome().configured, boot.wait_for_attach) {
             // An agent configured from a file in the image (or by an earlier host) keeps it.
             (true, true) => Some(client.attach_main().map_err(agent_err)?),
             (true, false) => None,
@@ -445,11 +460,7 @@ impl Manager {
                 client.configure(config).map_err(agent_err)?;
                 None
             }
-        };
-        Ok(process.map(|p| {
-            phase!("agent: main process attached");
-            (client, p)
-        }))
+        })
     }
 
     /// Connects to a VM's agent and does the handshake, retrying while the guest boots, until
@@ -522,9 +533,7 @@ impl Manager {
                 nameservers: self.network_dns(&entry),
                 ..BootSettings::default()
             };
-            client
-                .configure(guest::guest_config(&entry, &boot))
-                .map_err(|source| ManagerError::Agent { name: entry.name.clone(), source })?;
+            self.send_boot_config(&client, &entry, &boot)?;
         }
         Ok(client)
     }

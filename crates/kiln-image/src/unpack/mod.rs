@@ -604,7 +604,8 @@ fn child_key(parent: &[u8], name: &[u8]) -> Vec<u8> {
     key
 }
 
-fn is_dir_at(dir: &OwnedFd, name: &OsStr) -> bool {
+/// True when `name` in `dir` is a directory (not a link to one).
+pub(crate) fn is_dir_at(dir: &OwnedFd, name: &OsStr) -> bool {
     rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
         .is_ok_and(|s| FileType::from_raw_mode(s.st_mode) == FileType::Directory)
 }
