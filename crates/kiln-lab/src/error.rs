@@ -37,18 +37,8 @@ pub enum LabError {
     #[error("{binary}: `ldd` cannot find {library}")]
     MissingLibrary { binary: PathBuf, library: String },
     /// The lab did not finish within its timeout; QEMU was killed.
-    #[error(
-        "lab timed out after {timeout:?} ({}); console tail:\n{console_tail}",
-        running_step.as_deref().map_or_else(|| "before the step runner started".to_string(), |s| format!("step `{s}` was running"))
-    )]
-    Timeout {
-        timeout: Duration,
-        /// The step that had started but not finished, if any.
-        running_step: Option<String>,
-        /// Steps that finished before the timeout.
-        completed: Vec<StepResult>,
-        console_tail: String,
-    },
+    #[error("{0}")]
+    Timeout(Box<LabHang>),
     /// QEMU exited before the step runner reported the end of the scenario (kernel panic, QEMU
     /// error, runner crash).
     #[error("lab VM ended before the scenario finished ({status}); qemu stderr: {qemu_stderr}; console tail:\n{console_tail}")]
@@ -67,5 +57,36 @@ pub enum LabError {
 impl LabError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// What a timed-out lab run leaves behind: how far it got and where the lab's CPUs were.
+#[derive(Debug)]
+pub struct LabHang {
+    pub timeout: Duration,
+    /// The step that had started but not finished, if any.
+    pub running_step: Option<String>,
+    /// Steps that finished before the timeout.
+    pub completed: Vec<StepResult>,
+    /// The last output of the steps that had not finished (running or in the background).
+    pub unfinished_output: String,
+    /// The lab's own vCPUs when it timed out: registers, local APICs and interrupt counters
+    /// from QEMU's monitor.
+    pub lab_cpus: String,
+    pub console_tail: String,
+}
+
+impl std::fmt::Display for LabHang {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let running = match &self.running_step {
+            Some(s) => format!("step `{s}` was running"),
+            None => "before the step runner started".to_string(),
+        };
+        write!(
+            f,
+            "lab timed out after {:?} ({running}); output of unfinished steps:\n{}\
+             the lab's vCPUs at the timeout:\n{}console tail:\n{}",
+            self.timeout, self.unfinished_output, self.lab_cpus, self.console_tail
+        )
     }
 }

@@ -11,8 +11,11 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 echo "lab: init $(cut -d' ' -f1 /proc/uptime)s"
+# Module parameters come from the kernel command line as `module.param=value`, as modprobe does.
 while read -r m; do
-  insmod "/lab/modules/$m.ko" || echo "lab: insmod $m failed"
+  params=$(tr ' ' '\n' < /proc/cmdline | sed -n "s/^$m\.//p" | tr '\n' ' ')
+  # shellcheck disable=SC2086 # one word per parameter
+  insmod "/lab/modules/$m.ko" $params || echo "lab: insmod $m $params failed"
 done < /lab/modules.order
 hostname lab
 ip link set lo up 2>/dev/null

@@ -32,6 +32,7 @@ pub mod cpio;
 mod error;
 mod host;
 mod modules;
+mod monitor;
 mod run;
 
 use std::borrow::Cow;
@@ -39,7 +40,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use base::{BaseMeta, KernelPackage};
-pub use error::LabError;
+pub use error::{LabError, LabHang};
 
 /// Something carried into the lab.
 #[derive(Debug, Clone)]
@@ -389,13 +390,17 @@ impl Lab {
 
     /// Boots the lab, runs the scenario, and returns the results. Labs on one host run one at a
     /// time (a host-wide lock); the timeout counts from QEMU's start, not from the wait.
+    ///
+    /// When the lab's own kernel locks up (its soft-lockup watchdog panics it: an artifact of
+    /// QEMU's emulated nesting, see docs/testing.md), the scenario runs once more from the start,
+    /// and stderr says so with the first run's console tail. A second lockup is an error.
     pub fn run(&self) -> Result<Report, LabError> {
-        run::run(self, None)
+        run::run_retrying_lockups(self, None)
     }
 
     /// Like [`Lab::run`], and calls `on_event` as things happen, including step output while the
-    /// step runs (the runner then polls output every 50 ms, so prefer [`Lab::run`] for benchmarks).
+    /// step runs (a rerun after a lab lockup reports its events again from the start).
     pub fn run_with(&self, mut on_event: impl FnMut(LabEvent<'_>)) -> Result<Report, LabError> {
-        run::run(self, Some(&mut on_event))
+        run::run_retrying_lockups(self, Some(&mut on_event))
     }
 }

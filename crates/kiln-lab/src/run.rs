@@ -12,7 +12,8 @@ use serde::Deserialize;
 
 use crate::cpio::{archive_path, CpioWriter};
 use crate::host::{self, FileLock};
-use crate::{Directive, Lab, LabError, LabEvent, OutputStream, Payload, Report, StepResult};
+use crate::monitor;
+use crate::{Directive, Lab, LabError, LabEvent, LabHang, OutputStream, Payload, Report, StepResult};
 
 /// How long QEMU may take to exit after the runner reported the end of the scenario.
 const EXIT_GRACE: Duration = Duration::from_secs(30);
@@ -67,6 +68,49 @@ impl StepRecord {
             background: self.bg,
             killed: self.killed,
         })
+    }
+}
+
+/// The last output of steps that have started but not finished, for a timeout's report.
+#[derive(Default)]
+struct UnfinishedOutput {
+    /// (step, stream) -> the last [`UNFINISHED_OUTPUT_TAIL`] bytes, in order of first output.
+    tails: Vec<((String, OutputStream), Vec<u8>)>,
+}
+
+/// How much of each unfinished step's stdout and stderr a timeout report keeps.
+const UNFINISHED_OUTPUT_TAIL: usize = 16 * 1024;
+
+impl UnfinishedOutput {
+    fn add(&mut self, step: &str, stream: OutputStream, data: &[u8]) {
+        let index = match self.tails.iter().position(|((s, o), _)| s == step && *o == stream) {
+            Some(i) => i,
+            None => {
+                self.tails.push(((step.to_string(), stream), Vec::new()));
+                self.tails.len() - 1
+            }
+        };
+        let tail = &mut self.tails[index].1;
+        tail.extend_from_slice(data);
+        let excess = tail.len().saturating_sub(UNFINISHED_OUTPUT_TAIL);
+        tail.drain(..excess);
+    }
+
+    fn finished(&mut self, step: &str) {
+        self.tails.retain(|((s, _), _)| s != step);
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        for ((step, stream), tail) in &self.tails {
+            let which = if *stream == OutputStream::Stderr { "stderr" } else { "stdout" };
+            out.push_str(&format!("--- {which} of `{step}` (last {} bytes)\n", tail.len()));
+            out.push_str(&String::from_utf8_lossy(tail));
+            if !tail.ends_with(b"\n") {
+                out.push('\n');
+            }
+        }
+        out
     }
 }
 
@@ -255,9 +299,18 @@ fn console_tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The lab QEMU's monitor socket, next to the results file.
+fn monitor_socket(results: &Path) -> PathBuf {
+    results.with_file_name("monitor.sock")
+}
+
 fn qemu_command(lab: &Lab, initrd: &Path, console: &Path, results: &Path) -> Command {
     let mut cmd = Command::new(&lab.qemu);
-    cmd.args(["-M", "pc", "-accel", "tcg", "-cpu", "max"])
+    let accel = match std::env::var("KILN_LAB_TCG_THREAD") {
+        Ok(t) if !t.is_empty() => format!("tcg,thread={t}"),
+        _ => "tcg".to_string(),
+    };
+    cmd.args(["-M", "pc", "-accel", &accel, "-cpu", "max"])
         .args(["-smp", &lab.cpus.to_string(), "-m", &lab.memory_mib.to_string()])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .arg("-kernel")
@@ -265,7 +318,12 @@ fn qemu_command(lab: &Lab, initrd: &Path, console: &Path, results: &Path) -> Com
         .arg("-initrd")
         .arg(initrd);
     let mut append =
-        format!("console=ttyS0 reboot=k panic=1 quiet tsc=reliable kiln.disks={}", lab.disks.len());
+        // A lab CPU stuck in its kernel panics the lab (so the run ends at once, see
+        // `run_retrying_lockups`); loglevel=5 puts the lockup's registers and stack on the console.
+        format!(
+            "console=ttyS0 reboot=k panic=1 quiet loglevel=5 softlockup_panic=1 tsc=reliable kiln.disks={}",
+            lab.disks.len()
+        );
     for a in &lab.kernel_args {
         append.push(' ');
         append.push_str(a);
@@ -276,6 +334,8 @@ fn qemu_command(lab: &Lab, initrd: &Path, console: &Path, results: &Path) -> Com
     cmd.args(["-serial", "chardev:console"]);
     cmd.arg("-chardev").arg(format!("file,id=results,path={}", esc(results)));
     cmd.args(["-serial", "chardev:results"]);
+    let monitor = monitor_socket(results);
+    cmd.arg("-monitor").arg(format!("unix:{},server=on,wait=off", esc(&monitor)));
     for (i, d) in lab.disks.iter().enumerate() {
         let ro = if d.read_only { ",readonly=on" } else { "" };
         cmd.arg("-drive").arg(format!("if=none,id=disk{i},format=raw,file={}{ro}", esc(&d.path)));
@@ -286,7 +346,32 @@ fn qemu_command(lab: &Lab, initrd: &Path, console: &Path, results: &Path) -> Com
 
 pub(crate) type EventSink<'a> = Option<&'a mut dyn FnMut(LabEvent<'_>)>;
 
-pub(crate) fn run(lab: &Lab, mut events: EventSink<'_>) -> Result<Report, LabError> {
+/// The lab kernel's words when its watchdog found a CPU stuck in the kernel.
+const LAB_LOCKUP_MARKERS: [&str; 2] = ["soft lockup - CPU#", "hard LOCKUP"];
+
+/// Whether an error is the lab's own kernel locking up (not the scenario failing).
+fn is_lab_lockup(e: &LabError) -> bool {
+    match e {
+        LabError::LabDied { console_tail, .. } => LAB_LOCKUP_MARKERS.iter().any(|m| console_tail.contains(m)),
+        _ => false,
+    }
+}
+
+/// [`run`], once more when the lab's kernel locked up (see [`crate::Lab::run`]).
+pub(crate) fn run_retrying_lockups(lab: &Lab, mut events: EventSink<'_>) -> Result<Report, LabError> {
+    match run(lab, &mut events) {
+        Err(e) if is_lab_lockup(&e) => {
+            for line in e.to_string().lines() {
+                eprintln!("kiln-lab: lockup: {line}");
+            }
+            eprintln!("kiln-lab: the lab's own kernel locked up (above); running the scenario once more");
+            run(lab, &mut events)
+        }
+        other => other,
+    }
+}
+
+fn run(lab: &Lab, events: &mut EventSink<'_>) -> Result<Report, LabError> {
     for d in &lab.disks {
         if !d.path.is_file() {
             return Err(LabError::Scenario(format!("disk {} is not a file", d.path.display())));
@@ -297,7 +382,8 @@ pub(crate) fn run(lab: &Lab, mut events: EventSink<'_>) -> Result<Report, LabErr
         .tempdir()
         .map_err(|e| LabError::io(Path::new("/tmp"), e))?;
     let initrd = tmp.path().join("initrd.cpio");
-    write_initrd(lab, &initrd, events.is_some())?;
+    // Output is always streamed, so a timeout can still say what the running steps printed.
+    write_initrd(lab, &initrd, true)?;
     let console = tmp.path().join("console.log");
     let results = tmp.path().join("results.log");
     let qemu_err = tmp.path().join("qemu.stderr");
@@ -320,6 +406,7 @@ pub(crate) fn run(lab: &Lab, mut events: EventSink<'_>) -> Result<Report, LabErr
     let mut running: Option<String> = None;
     let mut ready: Option<(Duration, Duration)> = None;
     let mut done_at: Option<Instant> = None;
+    let mut unfinished_output = UnfinishedOutput::default();
     let exit_status;
     loop {
         let exited = qemu
@@ -350,12 +437,14 @@ pub(crate) fn run(lab: &Lab, mut events: EventSink<'_>) -> Result<Report, LabErr
                         .decode(&data)
                         .map_err(|e| LabError::Protocol(format!("output of {name}: {e}")))?;
                     let stream = if fd == 2 { OutputStream::Stderr } else { OutputStream::Stdout };
+                    unfinished_output.add(&name, stream, &data);
                     if let Some(f) = events.as_mut() {
                         f(LabEvent::Output { step: &name, stream, data: &data });
                     }
                 }
                 Record::Step(s) => {
                     let r = s.into_result()?;
+                    unfinished_output.finished(&r.name);
                     if running.as_deref() == Some(r.name.as_str()) {
                         running = None;
                     }
@@ -380,13 +469,16 @@ pub(crate) fn run(lab: &Lab, mut events: EventSink<'_>) -> Result<Report, LabErr
             break;
         }
         if done_at.is_none() && start.elapsed() > lab.timeout {
+            let lab_cpus = monitor::ask(&monitor_socket(&tail.path), &monitor::hang_questions(lab.cpus));
             drop(qemu);
-            return Err(LabError::Timeout {
+            return Err(LabError::Timeout(Box::new(LabHang {
                 timeout: lab.timeout,
                 running_step: running,
                 completed: steps,
-                console_tail: console_tail(&console, 40),
-            });
+                unfinished_output: unfinished_output.render(),
+                lab_cpus,
+                console_tail: console_tail(&console, 80),
+            })));
         }
         std::thread::sleep(POLL);
     }
@@ -398,11 +490,34 @@ pub(crate) fn run(lab: &Lab, mut events: EventSink<'_>) -> Result<Report, LabErr
             status: exit_status.to_string(),
             qemu_stderr: qemu_stderr.trim().to_string(),
             completed: steps,
-            console_tail: console_tail(&console, 40),
+            console_tail: console_tail(&console, 80),
         });
     }
     let (lab_boot_time, guest_boot_time) = ready.unwrap_or_default();
     let console =
         std::fs::read(&console).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
     Ok(Report { steps, console, lab_boot_time, guest_boot_time, total_time, qemu_stderr })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn died(console_tail: &str) -> LabError {
+        LabError::LabDied {
+            status: "exit status: 0".into(),
+            qemu_stderr: String::new(),
+            completed: Vec::new(),
+            console_tail: console_tail.into(),
+        }
+    }
+
+    #[test]
+    fn only_a_lab_kernel_lockup_earns_a_second_run() {
+        let lockup = "[   36.6] watchdog: BUG: soft lockup - CPU#0 stuck for 26s! [kiln_vmm:123]\n\
+                      [   36.7] Kernel panic - not syncing: softlockup: hung tasks";
+        assert!(is_lab_lockup(&died(lockup)));
+        assert!(!is_lab_lockup(&died("[    5.1] Kernel panic - not syncing: Attempted to kill init!")));
+        assert!(!is_lab_lockup(&LabError::Protocol("soft lockup - CPU#0".into())));
+    }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use kiln_lab::cpio::CpioWriter;
-use kiln_lab::{Lab, LabError, LabEvent};
+use kiln_lab::{Lab, LabError, LabEvent, LabHang};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -182,9 +182,15 @@ fn lab_timeout_is_an_error_with_the_console_tail() -> TestResult {
         .err()
         .ok_or("the lab should have timed out")?;
     match &err {
-        LabError::Timeout { timeout, running_step, completed, console_tail } => {
+        LabError::Timeout(hang) => {
+            let LabHang { timeout, running_step, completed, unfinished_output, lab_cpus, console_tail } =
+                &**hang;
             assert_eq!(*timeout, Duration::from_secs(40));
             assert!(console_tail.contains("lab: "), "console tail: {console_tail}");
+            // Where the lab's own CPUs were, from QEMU's monitor: registers and local APICs.
+            assert!(lab_cpus.contains("--- (qemu) info lapic"), "{lab_cpus}");
+            assert!(lab_cpus.contains("RIP="), "{lab_cpus}");
+            assert!(lab_cpus.contains("LVTT"), "{lab_cpus}");
             // Under heavy load the runner may not even have started; when it has, it was in `hang`.
             if let Some(step) = running_step {
                 assert_eq!(step, "hang");
@@ -193,6 +199,11 @@ fn lab_timeout_is_an_error_with_the_console_tail() -> TestResult {
                 assert_eq!(events[..4], ["ready", "start quick", "end quick 0", "start hang"], "{events:?}");
                 assert!(events.contains(&"hang Stdout hanging\n".to_string()), "{events:?}");
                 assert!(events.contains(&"hang Stderr to-stderr\n".to_string()), "{events:?}");
+                // The error itself carries what the hanging step printed.
+                assert!(unfinished_output.contains("--- stdout of `hang`"), "{unfinished_output}");
+                assert!(unfinished_output.contains("hanging\n"), "{unfinished_output}");
+                assert!(unfinished_output.contains("to-stderr\n"), "{unfinished_output}");
+                assert!(!unfinished_output.contains("`quick`"), "{unfinished_output}");
             }
         }
         other => panic!("expected a timeout, got {other}"),
