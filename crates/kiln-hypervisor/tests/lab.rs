@@ -68,7 +68,7 @@ enum Until {
 fn boot(backend: &dyn Hypervisor, name: &str, command: &str, until: Until) -> KillOnDrop {
     let reached = |vm: &dyn Vm| match until {
         Until::Line(line) => console(vm).lines().any(|l| l.trim_end() == line),
-        Until::Exit => matches!(vm.state(), Ok(VmState::Exited(_))),
+        Until::Exit => !vm.record().process.is_running(),
     };
     for attempt in 1..=2 {
         let name = if attempt == 1 { name.to_string() } else { format!("{name}-again") };

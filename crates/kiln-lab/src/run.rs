@@ -328,6 +328,13 @@ fn qemu_command(lab: &Lab, initrd: &Path, console: &Path, results: &Path) -> Com
         append.push(' ');
         append.push_str(a);
     }
+    // Extra lab kernel arguments for experiments (`kvm_amd.npt=0`, ...), after the scenario's own.
+    if let Ok(extra) = std::env::var("KILN_LAB_KERNEL_ARGS") {
+        if !extra.trim().is_empty() {
+            append.push(' ');
+            append.push_str(extra.trim());
+        }
+    }
     cmd.arg("-append").arg(append);
     let esc = |p: &Path| p.to_string_lossy().replace(',', ",,");
     cmd.arg("-chardev").arg(format!("file,id=console,path={}", esc(console)));
