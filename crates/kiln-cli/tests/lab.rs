@@ -16,9 +16,24 @@ export KILN_ROOT=/tmp/kiln KILN_AGENT_BIN=/usr/bin/kiln-agent-static KILN_NETWOR
 kiln image import /lab/oci --name busybox:1; echo "import-exit=$?"
 kiln kernel import /lab/vmlinux --name guest; echo "kernel-exit=$?"
 kiln info
-out=$(kiln run --rm busybox:1 echo hi); echo "run-exit=$?"; echo "run-out=$out"
-kiln run --rm busybox:1 sh -c 'exit 3'; echo "code-exit=$?"
-kiln run -d --name keep busybox:1 sleep 3600; echo "detach-exit=$?"
+# The lab's emulated nesting occasionally freezes a guest mid-boot (docs/testing.md). A kiln run
+# whose guest never answered is run once more, loudly: its first stderr goes out as lab-retry:
+# lines. CLEANUP is run between the two (a named VM is kept after a failed start).
+retry_frozen() {
+  err=$(mktemp)
+  "$@" 2>"$err"; rc=$?
+  if [ "$rc" = 125 ] && grep -q "cannot reach the agent" "$err"; then
+    sed 's/^/lab-retry: /' "$err" >&2
+    echo "lab-retry: the guest never answered; running once more: $*" >&2
+    [ -n "${CLEANUP:-}" ] && sh -c "$CLEANUP"
+    "$@" 2>"$err"; rc=$?
+  fi
+  cat "$err" >&2; rm -f "$err"
+  return "$rc"
+}
+out=$(retry_frozen kiln run --rm busybox:1 echo hi); echo "run-exit=$?"; echo "run-out=$out"
+retry_frozen kiln run --rm busybox:1 sh -c 'exit 3'; echo "code-exit=$?"
+CLEANUP="kiln rm -f keep" retry_frozen kiln run -d --name keep busybox:1 sleep 3600; echo "detach-exit=$?"
 echo "exec-out=$(kiln exec keep sh -c 'echo kept > /root/f; cat /root/f; hostname' | tr '\n' ' ')"
 kiln ps
 kiln stop -t 5 keep; echo "stop-exit=$?"
@@ -50,6 +65,9 @@ fn kiln_runs_execs_stops_and_removes_vms_on_kiln_vmm_in_the_lab() {
     let s = report.step("kiln").unwrap();
     let out = s.stdout_str();
     let ctx = format!("--- stdout\n{out}\n--- stderr\n{}", s.stderr_str());
+    for line in s.stderr_str().lines().filter(|l| l.starts_with("lab-retry:")) {
+        eprintln!("{line}");
+    }
     assert_eq!(value(&out, "import-exit"), "0", "{ctx}");
     assert_eq!(value(&out, "kernel-exit"), "0", "{ctx}");
     assert_eq!(value(&out, "run-exit"), "0", "{ctx}");

@@ -94,6 +94,20 @@ pub enum AgentError {
     },
 }
 
+impl AgentError {
+    /// The same error, saying the caller tried for `total` in all: for callers that
+    /// [`AgentChannel::connect`] in slices (to check the VM between them), so the message names
+    /// the whole wait, not the last slice.
+    pub fn tried_for(mut self, total: Duration) -> Self {
+        match &mut self {
+            AgentError::Connect { waited, .. }
+            | AgentError::PortsBusy { waited, .. }
+            | AgentError::NotListening { waited, .. } => *waited = total,
+        }
+        self
+    }
+}
+
 impl AgentChannel {
     /// The host-side socket.
     pub fn socket_path(&self) -> &std::path::Path {
@@ -219,6 +233,18 @@ mod tests {
     use super::*;
     use std::io::BufRead;
     use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn a_sliced_wait_reports_the_whole_wait() {
+        let e = AgentError::NotListening {
+            path: "/run/vm/agent.vsock".into(),
+            port: 1024,
+            waited: Duration::from_millis(181),
+            last_reply: "no answer".into(),
+        };
+        let text = e.tried_for(Duration::from_secs(120)).to_string();
+        assert!(text.contains("within 120s"), "{text}");
+    }
 
     /// A Firecracker-style vsock host socket: refuses the first `refusals` connections (closes
     /// them, as when the guest does not listen), then accepts, answers OK and echoes one line.

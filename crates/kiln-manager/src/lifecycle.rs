@@ -480,6 +480,7 @@ impl Manager {
                         });
                     }
                     if left <= AGENT_CONNECT_SLICE {
+                        let source = source.tried_for(timeout);
                         return Err(ManagerError::AgentConnect { name: entry.name.clone(), source });
                     }
                 }
