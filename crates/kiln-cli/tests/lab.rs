@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use kiln_test_utils::oci::{busybox_layers, OciLayout};
-use kiln_test_utils::{guest_assets, static_agent, workspace_bin};
+use kiln_test_utils::{echo_lab_retries, guest_assets, static_agent, workspace_bin};
 use serde_json::json;
 
 const LAB_SCRIPT: &str = r#"
@@ -65,9 +65,7 @@ fn kiln_runs_execs_stops_and_removes_vms_on_kiln_vmm_in_the_lab() {
     let s = report.step("kiln").unwrap();
     let out = s.stdout_str();
     let ctx = format!("--- stdout\n{out}\n--- stderr\n{}", s.stderr_str());
-    for line in s.stderr_str().lines().filter(|l| l.starts_with("lab-retry:")) {
-        eprintln!("{line}");
-    }
+    echo_lab_retries(&s.stderr_str());
     assert_eq!(value(&out, "import-exit"), "0", "{ctx}");
     assert_eq!(value(&out, "kernel-exit"), "0", "{ctx}");
     assert_eq!(value(&out, "run-exit"), "0", "{ctx}");

@@ -14,7 +14,7 @@ use kiln_hypervisor::{
     open_backend, Accelerator, BackendKind, BackendOptions, HostProbe, Hypervisor, KvmStatus, Vm, VmExit,
     VmSpec, VmState,
 };
-use kiln_test_utils::{guest_assets, wait_until};
+use kiln_test_utils::{echo_lab_retries, guest_assets, wait_until};
 
 const IN_LAB_ENV: &str = "KILN_HYP_IN_LAB";
 const BOOT: Duration = Duration::from_secs(180);
@@ -66,6 +66,14 @@ enum Until {
 /// reported on stderr as a `lab-retry:` line with its console tail (and QEMU's view of its vCPU),
 /// killed, and booted once more under a new name. A second stall, or anything else, fails.
 fn boot(backend: &dyn Hypervisor, name: &str, command: &str, until: Until) -> KillOnDrop {
+    // QEMU's view of its vCPU; kiln-vmm has no such monitor.
+    let vcpu_state = |vm: &dyn Vm| {
+        if backend.kind() == BackendKind::Qemu {
+            qemu_state(vm)
+        } else {
+            String::new()
+        }
+    };
     let reached = |vm: &dyn Vm| match until {
         Until::Line(line) => console(vm).lines().any(|l| l.trim_end() == line),
         Until::Exit => !vm.record().process.is_running(),
@@ -86,8 +94,7 @@ fn boot(backend: &dyn Hypervisor, name: &str, command: &str, until: Until) -> Ki
             }
             let stalled = changed.elapsed() > STALL;
             if stalled && attempt == 1 {
-                let state =
-                    if backend.kind() == BackendKind::Qemu { qemu_state(&*vm) } else { String::new() };
+                let state = vcpu_state(&*vm);
                 let text = console(&*vm);
                 let tail: Vec<&str> = text.lines().rev().take(15).collect();
                 for line in tail.iter().rev().copied().chain(state.lines()) {
@@ -105,7 +112,7 @@ fn boot(backend: &dyn Hypervisor, name: &str, command: &str, until: Until) -> Ki
                 until_text(&until),
                 changed.elapsed(),
                 text = console(&*vm),
-                state = if backend.kind() == BackendKind::Qemu { qemu_state(&*vm) } else { String::new() },
+                state = vcpu_state(&*vm),
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -201,8 +208,5 @@ fn both_backends_boot_linux_on_real_kvm() {
     for line in out.lines().filter(|l| l.contains("-stop=") || l.contains("-exit=")) {
         eprintln!("lab: {line} ({:?} step wall)", step.wall);
     }
-    // A guest the lab froze and the in-lab test booted again is said loudly, not hidden.
-    for line in step.stderr_str().lines().filter(|l| l.starts_with("lab-retry:")) {
-        eprintln!("{line}");
-    }
+    echo_lab_retries(&step.stderr_str());
 }

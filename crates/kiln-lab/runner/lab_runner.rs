@@ -13,8 +13,9 @@
 //! `lab-runner kvm-check` opens /dev/kvm, prints KVM_GET_API_VERSION and tries KVM_CREATE_VM.
 //!
 //! Scenario format, one directive per line, fields separated by one space, strings hex-encoded:
-//! `limit BYTES`, `stream 0|1`, `env KEY VALUE`, `run NAME CMD`, `bg NAME CMD`, `wait NAME`.
-//! With `stream 1`, new step output is also sent every 50 ms as `out` records (fd 1 or 2).
+//! `limit BYTES`, `env KEY VALUE`, `run NAME CMD`, `bg NAME CMD`, `wait NAME`.
+//! New step output is also sent every 50 ms as `out` records (fd 1 or 2), so a lab that times out
+//! still shows what its steps printed.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -86,14 +87,13 @@ struct Reaped {
     end_us: u64,
 }
 
-/// Waits for any child. `block == false` returns `None` when nothing has exited yet.
-fn reap_any(block: bool) -> Option<(i32, Reaped)> {
+/// Reaps any child that has exited; `None` when none has (yet).
+fn reap_any() -> Option<(i32, Reaped)> {
     loop {
         let mut status = 0i32;
         let mut rusage = Rusage::default();
-        let opts = if block { 0 } else { WNOHANG };
         // SAFETY: `status` and `rusage` are valid writable buffers of the sizes wait4 writes.
-        let pid = unsafe { wait4(-1, &mut status, opts, &mut rusage) };
+        let pid = unsafe { wait4(-1, &mut status, WNOHANG, &mut rusage) };
         if pid > 0 {
             let end_us = now_us(CLOCK_MONOTONIC);
             return Some((pid, Reaped { status, rusage, end_us }));
@@ -122,8 +122,6 @@ struct Step {
 struct Runner {
     results: File,
     limit: u64,
-    /// Stream step output live as `out` records (`stream 1` in the scenario).
-    stream: bool,
     sigchld: [u64; 16],
     env: Vec<(String, String)>,
     steps: Vec<Step>,
@@ -298,24 +296,12 @@ impl Runner {
         }
     }
 
-    /// Reaps children until step `idx` has exited, recording every step that exits meanwhile.
+    /// Reaps children until step `idx` has exited, recording every step that exits meanwhile and
+    /// streaming output every 50 ms. SIGCHLD is blocked and waited for with a timeout, so a step is
+    /// still reaped as soon as it exits.
     fn wait_step(&mut self, idx: usize) {
-        if self.stream {
-            return self.wait_step_streaming(idx);
-        }
-        while self.steps.get(idx).is_some_and(|s| s.reaped.is_none()) {
-            match reap_any(true) {
-                Some((pid, r)) => self.record(pid, r),
-                None => break, // ECHILD: nothing left to wait for.
-            }
-        }
-    }
-
-    /// Like `wait_step`, streaming output every 50 ms meanwhile. SIGCHLD is blocked and waited for
-    /// with a timeout, so a step is still reaped as soon as it exits.
-    fn wait_step_streaming(&mut self, idx: usize) {
         loop {
-            while let Some((pid, r)) = reap_any(false) {
+            while let Some((pid, r)) = reap_any() {
                 self.record(pid, r);
             }
             if self.steps.get(idx).is_none_or(|s| s.reaped.is_some()) {
@@ -351,9 +337,7 @@ impl Runner {
         if step.reaped.is_none() {
             return;
         }
-        if self.stream {
-            self.stream_outputs(Some(idx), true);
-        }
+        self.stream_outputs(Some(idx), true);
         let Some(step) = self.steps.get(idx) else { return };
         let Some(r) = step.reaped else { return };
         let (code, signal) = if r.status & 0x7f == 0 {
@@ -407,7 +391,7 @@ impl Runner {
         }
         let deadline = now_us(CLOCK_MONOTONIC) + 2_000_000;
         loop {
-            while let Some((pid, r)) = reap_any(false) {
+            while let Some((pid, r)) = reap_any() {
                 self.record(pid, r);
             }
             if running.iter().all(|&i| self.steps[i].reaped.is_some()) {
@@ -460,7 +444,6 @@ fn run(scenario: &str, results: &str) -> Result<(), String> {
     let mut r = Runner {
         results: out,
         limit: 1 << 20,
-        stream: false,
         sigchld,
         env: Vec::new(),
         steps: Vec::new(),
@@ -473,7 +456,6 @@ fn run(scenario: &str, results: &str) -> Result<(), String> {
         match f.as_slice() {
             [""] => {}
             ["limit", v] => r.limit = v.parse().map_err(|_| bad())?,
-            ["stream", v] => r.stream = *v == "1",
             ["env", k, v] => r.env.push((unhex(k)?, unhex(v)?)),
             ["run", name, cmd] => {
                 if let Some(idx) = r.spawn(unhex(name)?, &unhex(cmd)?, false) {

@@ -119,10 +119,10 @@ fn hex(s: &str) -> String {
 }
 
 /// The scenario file the runner reads (see `runner/lab_runner.rs`).
-fn scenario(lab: &Lab, stream: bool) -> Result<String, LabError> {
+fn scenario(lab: &Lab) -> Result<String, LabError> {
     let mut names = HashSet::new();
     let mut background = HashSet::new();
-    let mut out = format!("limit {}\nstream {}\n", lab.output_limit, u8::from(stream));
+    let mut out = format!("limit {}\n", lab.output_limit);
     for (k, v) in &lab.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
             return Err(LabError::Scenario(format!("bad environment variable {k:?}")));
@@ -234,7 +234,7 @@ fn resolve_payload(lab: &Lab) -> Result<BTreeMap<String, (Source, u32)>, LabErro
 }
 
 /// Writes `base.cpio` + payload archive to `path`.
-fn write_initrd(lab: &Lab, path: &Path, stream: bool) -> Result<u64, LabError> {
+fn write_initrd(lab: &Lab, path: &Path) -> Result<u64, LabError> {
     std::fs::copy(&lab.base.cpio, path).map_err(|e| LabError::io(&lab.base.cpio, e))?;
     let payload = resolve_payload(lab)?;
     let file = std::fs::OpenOptions::new().append(true).open(path).map_err(|e| LabError::io(path, e))?;
@@ -246,7 +246,7 @@ fn write_initrd(lab: &Lab, path: &Path, stream: bool) -> Result<u64, LabError> {
             Source::Bytes(b) => w.file(dst, *perm, b).map_err(io)?,
         }
     }
-    w.file("lab/scenario", 0o644, scenario(lab, stream)?.as_bytes()).map_err(io)?;
+    w.file("lab/scenario", 0o644, scenario(lab)?.as_bytes()).map_err(io)?;
     w.finish().map_err(io)?;
     Ok(std::fs::metadata(path).map_err(io)?.len())
 }
@@ -299,12 +299,7 @@ fn console_tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// The lab QEMU's monitor socket, next to the results file.
-fn monitor_socket(results: &Path) -> PathBuf {
-    results.with_file_name("monitor.sock")
-}
-
-fn qemu_command(lab: &Lab, initrd: &Path, console: &Path, results: &Path) -> Command {
+fn qemu_command(lab: &Lab, initrd: &Path, console: &Path, results: &Path, monitor: &Path) -> Command {
     let mut cmd = Command::new(&lab.qemu);
     let accel = match std::env::var("KILN_LAB_TCG_THREAD") {
         Ok(t) if !t.is_empty() => format!("tcg,thread={t}"),
@@ -341,8 +336,7 @@ fn qemu_command(lab: &Lab, initrd: &Path, console: &Path, results: &Path) -> Com
     cmd.args(["-serial", "chardev:console"]);
     cmd.arg("-chardev").arg(format!("file,id=results,path={}", esc(results)));
     cmd.args(["-serial", "chardev:results"]);
-    let monitor = monitor_socket(results);
-    cmd.arg("-monitor").arg(format!("unix:{},server=on,wait=off", esc(&monitor)));
+    cmd.arg("-monitor").arg(format!("unix:{},server=on,wait=off", esc(monitor)));
     for (i, d) in lab.disks.iter().enumerate() {
         let ro = if d.read_only { ",readonly=on" } else { "" };
         cmd.arg("-drive").arg(format!("if=none,id=disk{i},format=raw,file={}{ro}", esc(&d.path)));
@@ -353,8 +347,14 @@ fn qemu_command(lab: &Lab, initrd: &Path, console: &Path, results: &Path) -> Com
 
 pub(crate) type EventSink<'a> = Option<&'a mut dyn FnMut(LabEvent<'_>)>;
 
-/// The lab kernel's words when its watchdog found a CPU stuck in the kernel.
-const LAB_LOCKUP_MARKERS: [&str; 2] = ["soft lockup - CPU#", "hard LOCKUP"];
+/// The lab kernel's words when its watchdog found a CPU stuck in the kernel: the report, and
+/// the panic that follows it (the report can scroll out of the console tail behind the stacks).
+const LAB_LOCKUP_MARKERS: [&str; 4] = [
+    "soft lockup - CPU#",
+    "hard LOCKUP",
+    "Kernel panic - not syncing: softlockup",
+    "Kernel panic - not syncing: Hard LOCKUP",
+];
 
 /// Whether an error is the lab's own kernel locking up (not the scenario failing).
 fn is_lab_lockup(e: &LabError) -> bool {
@@ -389,11 +389,11 @@ fn run(lab: &Lab, events: &mut EventSink<'_>) -> Result<Report, LabError> {
         .tempdir()
         .map_err(|e| LabError::io(Path::new("/tmp"), e))?;
     let initrd = tmp.path().join("initrd.cpio");
-    // Output is always streamed, so a timeout can still say what the running steps printed.
-    write_initrd(lab, &initrd, true)?;
+    write_initrd(lab, &initrd)?;
     let console = tmp.path().join("console.log");
     let results = tmp.path().join("results.log");
     let qemu_err = tmp.path().join("qemu.stderr");
+    let monitor_socket = tmp.path().join("monitor.sock");
 
     let _lock = if std::env::var_os("KILN_LAB_NO_LOCK").is_some() {
         None
@@ -401,7 +401,7 @@ fn run(lab: &Lab, events: &mut EventSink<'_>) -> Result<Report, LabError> {
         Some(FileLock::exclusive(&host::lab_cache_dir()?.join("run.lock"))?)
     };
 
-    let mut cmd = qemu_command(lab, &initrd, &console, &results);
+    let mut cmd = qemu_command(lab, &initrd, &console, &results, &monitor_socket);
     let err_file = File::create(&qemu_err).map_err(|e| LabError::io(&qemu_err, e))?;
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(err_file);
     let start = Instant::now();
@@ -476,7 +476,7 @@ fn run(lab: &Lab, events: &mut EventSink<'_>) -> Result<Report, LabError> {
             break;
         }
         if done_at.is_none() && start.elapsed() > lab.timeout {
-            let lab_cpus = monitor::ask(&monitor_socket(&tail.path), &monitor::hang_questions(lab.cpus));
+            let lab_cpus = monitor::ask(&monitor_socket, &monitor::hang_questions(lab.cpus));
             drop(qemu);
             return Err(LabError::Timeout(Box::new(LabHang {
                 timeout: lab.timeout,
@@ -524,6 +524,8 @@ mod tests {
         let lockup = "[   36.6] watchdog: BUG: soft lockup - CPU#0 stuck for 26s! [kiln_vmm:123]\n\
                       [   36.7] Kernel panic - not syncing: softlockup: hung tasks";
         assert!(is_lab_lockup(&died(lockup)));
+        // Only the panic left in the tail.
+        assert!(is_lab_lockup(&died("[   36.7] Kernel panic - not syncing: softlockup: hung tasks")));
         assert!(!is_lab_lockup(&died("[    5.1] Kernel panic - not syncing: Attempted to kill init!")));
         assert!(!is_lab_lockup(&LabError::Protocol("soft lockup - CPU#0".into())));
     }

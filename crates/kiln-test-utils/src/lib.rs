@@ -219,6 +219,14 @@ rm -f "$out" "$err"
 exit $rc
 "#;
 
+/// Prints a lab step's `lab-retry:` lines (a guest the lab lost and the step ran once more) on the
+/// test's stderr, so a retry is said loudly even when the test passes.
+pub fn echo_lab_retries(step_stderr: &str) {
+    for line in step_stderr.lines().filter(|l| l.starts_with("lab-retry:")) {
+        eprintln!("{line}");
+    }
+}
+
 /// The static `kiln-agent` for guests, built (first time, ~1-2 min) or found (cached) by
 /// `scripts/build-agent`. Panics with the build's output when it fails.
 pub fn static_agent() -> &'static Path {
